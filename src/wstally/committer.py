@@ -1,0 +1,157 @@
+"""Group commit: applied updates wait here until the store has made them durable.
+
+Only then are they acknowledged and broadcast, so no client ever hears of an update that a
+crash could take back. While one batch is being written on the store's thread, the next one
+accumulates, so a slow disk makes batches larger rather than the server slower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from wstally import protocol
+from wstally.hub import Hub, Mode, Peer
+from wstally.store import Store
+from wstally.tally import Duplicate, Tally, Update
+
+__all__ = ["Committer"]
+
+log = structlog.get_logger("wstally.committer")
+
+STORE_FAILED = "the update could not be stored; total unchanged"
+
+
+class Committer:
+    def __init__(self, tally: Tally, store: Store, hub: Hub) -> None:
+        self.tally = tally
+        self.store = store
+        self.hub = hub
+        self._updates: list[Update] = []
+        # (peer, update or duplicate) to answer once the batch holding it is committed.
+        self._waiters: list[tuple[Peer, Update | Duplicate]] = []
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="wstally-store")
+            if store.blocking
+            else None
+        )
+        self._task: asyncio.Task[None] | None = None
+        # Figures for stats.
+        self.commits = 0
+        self.committed = 0
+        self.max_batch = 0
+        self.max_commit_seconds = 0.0
+        self.failures = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="committer")
+
+    def add(self, peer: Peer, update: Update) -> None:
+        self._updates.append(update)
+        if update.req_id is not None:
+            self._waiters.append((peer, update))
+        self._kick()
+
+    def duplicate(self, peer: Peer, dup: Duplicate) -> None:
+        if dup.seq <= self.tally.committed_seq:
+            self.hub.send(peer, protocol.encode_ack(dup.req_id, dup.seq, dup.total, True))
+        else:
+            # The original is still on its way to disk: answer after it, never before.
+            self._waiters.append((peer, dup))
+            self._kick()
+
+    def _kick(self) -> None:
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is committed and answered."""
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            batch, self._updates = self._updates, []
+            waiters, self._waiters = self._waiters, []
+            if batch:
+                started = time.perf_counter()
+                try:
+                    if self._executor is not None:
+                        await loop.run_in_executor(self._executor, self.store.commit, batch)
+                    else:
+                        self.store.commit(batch)
+                except Exception as exc:
+                    self._failed(batch, waiters, exc)
+                    continue
+                self._account(len(batch), time.perf_counter() - started)
+                last = batch[-1]
+                self.tally.commit(last.seq, last.total)
+                self.hub.publish(batch)
+            self._answer(waiters)
+            if not self._updates and not self._waiters:
+                self._idle.set()
+
+    def _account(self, size: int, seconds: float) -> None:
+        self.commits += 1
+        self.committed += size
+        self.max_batch = max(self.max_batch, size)
+        self.max_commit_seconds = max(self.max_commit_seconds, seconds)
+
+    def _answer(self, waiters: list[tuple[Peer, Update | Duplicate]]) -> None:
+        send = self.hub.send
+        for peer, item in waiters:
+            if isinstance(item, Update):
+                assert item.req_id is not None
+                send(peer, protocol.encode_ack(item.req_id, item.seq, item.total))
+            else:
+                send(peer, protocol.encode_ack(item.req_id, item.seq, item.total, True))
+
+    def _failed(
+        self, batch: list[Update], waiters: list[tuple[Peer, Update | Duplicate]], exc: Exception
+    ) -> None:
+        # Everything applied after the failed batch was built on it: refuse that too, and
+        # bring memory back to what the store holds.
+        self.failures += 1
+        later, self._updates = self._updates, []
+        waiters += self._waiters
+        self._waiters = []
+        dropped = self.tally.rollback()
+        log.critical(
+            "store.commit_failed",
+            error=str(exc),
+            error_type=type(exc).__name__,
+            refused=dropped,
+            first_seq=batch[0].seq,
+            last_seq=(later or batch)[-1].seq,
+            total=self.tally.total,
+        )
+        answered: set[int] = set()
+        for peer, item in waiters:
+            answered.add(id(item))
+            self._refuse(peer, item.req_id)
+        by_conn = {peer.id: peer for peer in self.hub.peers}
+        for update in batch + later:
+            if id(update) not in answered and update.conn in by_conn:
+                self._refuse(by_conn[update.conn], update.req_id)
+        if not self._updates and not self._waiters:
+            self._idle.set()
+
+    def _refuse(self, peer: Peer, req_id: str | None) -> None:
+        if peer.mode is Mode.JSON:
+            self.hub.send(peer, protocol.encode_error("store_failed", STORE_FAILED, req_id))
+        else:
+            self.hub.send(peer, protocol.encode_plain_error(STORE_FAILED))
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)

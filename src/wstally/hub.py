@@ -1,0 +1,281 @@
+"""The connection manager: registry, presence and the per-tick coalesced broadcast.
+
+Everything the server sends goes through here, once per event-loop tick: the frames queued
+for a connection in that tick (acks, errors, a snapshot) and the one ``updates`` frame shared
+by every JSON client are handed to its socket in a single write. A write per small message
+is the cost that bounds a naive server (see the engineering guide): this is where it is saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
+
+from wstally import protocol
+from wstally.tally import Update
+
+__all__ = ["Hub", "Mode", "Peer"]
+
+OPEN = State.OPEN
+
+
+class Mode(enum.Enum):
+    PLAIN = "plain"
+    JSON = "json"
+
+
+class Peer:
+    """One registered connection, as the hub sees it."""
+
+    __slots__ = (
+        "applied",
+        "bytes_out",
+        "client",
+        "closing",
+        "drained",
+        "frames_out",
+        "id",
+        "lagged",
+        "lagging",
+        "messages_in",
+        "mode",
+        "name",
+        "outbox",
+        "refused",
+        "ws",
+    )
+
+    def __init__(self, ws: ServerConnection, mode: Mode, conn_id: str) -> None:
+        self.ws = ws
+        self.mode = mode
+        self.id = conn_id
+        self.client: str | None = None
+        self.name: str | None = None
+        # Frames for this connection alone, written at the next flush.
+        self.outbox: list[bytes] = []
+        self.lagging = False
+        self.lagged = 0  # how many times this connection fell behind
+        self.messages_in = 0
+        self.applied = 0
+        self.refused = 0
+        self.frames_out = 0
+        self.bytes_out = 0
+        self.closing = False
+        # Set while the connection keeps up; the handler waits on it before reading more,
+        # so a client that does not read cannot make us queue unbounded acks for it.
+        self.drained = asyncio.Event()
+        self.drained.set()
+
+
+class Hub:
+    """Owns every registered connection and what is written to them."""
+
+    def __init__(
+        self,
+        *,
+        epoch: str,
+        seq: int,
+        total: int,
+        buffer_limit: int = 256 * 1024,
+        presence_interval: float = 0.1,
+        resync_interval: float = 0.02,
+        on_resync: Callable[[Peer], None] | None = None,
+    ) -> None:
+        self.epoch = epoch
+        # The last *published* (committed and broadcast) position: what a new client's
+        # snapshot says, so that the next updates frame it receives continues it exactly.
+        self.seq = seq
+        self.total = total
+        self.buffer_limit = buffer_limit
+        self.resume_below = buffer_limit // 4
+        self.presence_interval = presence_interval
+        self.resync_interval = resync_interval
+        self.on_resync = on_resync
+        self.peers: dict[Peer, None] = {}
+        self.lagging: dict[Peer, None] = {}
+        self._pending: list[Update] = []
+        self._dirty: dict[Peer, None] = {}
+        self._presence_dirty = False
+        self._presence_sent = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._presence_handle: asyncio.TimerHandle | None = None
+        self._resync_handle: asyncio.TimerHandle | None = None
+        # Counters for stats and tests.
+        self.frames_flushed = 0
+        self.deliveries = 0
+        self.skipped = 0
+
+    # Registry
+
+    def register(self, peer: Peer) -> None:
+        self.peers[peer] = None
+        if peer.mode is Mode.JSON:
+            self.send(peer, self.snapshot(peer))
+        self._presence_changed()
+
+    def unregister(self, peer: Peer) -> None:
+        if peer not in self.peers:
+            return
+        del self.peers[peer]
+        self.lagging.pop(peer, None)
+        self._dirty.pop(peer, None)
+        peer.drained.set()
+        self._presence_changed()
+
+    @property
+    def clients(self) -> int:
+        return len(self.peers)
+
+    def snapshot(self, peer: Peer | None = None, **extra: Any) -> str:
+        return protocol.encode_snapshot(self.epoch, self.seq, self.total, self.clients, **extra)
+
+    # Sending
+
+    def send(self, peer: Peer, text: str) -> None:
+        """Queue a frame for one connection; it leaves with the next flush."""
+        peer.outbox.append(text.encode())
+        self._dirty[peer] = None
+        self._schedule()
+
+    def publish(self, updates: Sequence[Update]) -> None:
+        """Queue committed updates for every connection, in seq order."""
+        self._pending.extend(updates)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
+    def _presence_changed(self) -> None:
+        self._presence_dirty = True
+        # Coalesced over an interval, not a tick: a thousand clients connecting in a second
+        # must not cost a thousand frames to each of them.
+        if self._presence_handle is None:
+            loop = asyncio.get_running_loop()
+            self._presence_handle = loop.call_later(self.presence_interval, self._presence_due)
+
+    def _presence_due(self) -> None:
+        self._presence_handle = None
+        if self._presence_dirty:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything queued since the last flush; called once per tick."""
+        self._flush_handle = None
+        updates, self._pending = self._pending, []
+        json_frame: bytes | None = None
+        plain_frames: list[bytes] = []
+        if updates:
+            last = updates[-1]
+            self.seq, self.total = last.seq, last.total
+            json_frame = protocol.encode_updates(updates).encode()
+            plain_frames = [protocol.encode_plain_total(u.total).encode() for u in updates]
+        presence: bytes | None = None
+        if self._presence_dirty:
+            self._presence_dirty = False
+            # Joins and leaves within one interval may cancel out: then there is no news.
+            if self.clients != self._presence_sent:
+                self._presence_sent = self.clients
+                presence = protocol.encode_presence(self.clients).encode()
+        if json_frame is None and presence is None:
+            targets: Any = self._dirty
+        else:
+            targets = self.peers
+        self._dirty = {}
+        shared_json = [f for f in (presence, json_frame) if f is not None]
+        for peer in targets:
+            if peer.lagging:
+                continue
+            own = peer.outbox
+            if own:
+                peer.outbox = []
+            shared = shared_json if peer.mode is Mode.JSON else plain_frames
+            if own or shared:
+                self._write(peer, own, shared)
+        if updates:
+            self.deliveries += len(updates) * len(self.peers)
+
+    def _write(self, peer: Peer, own: list[bytes], shared: list[bytes]) -> None:
+        """Write ``own`` (this peer's acks, errors...) then ``shared`` (the broadcast)."""
+        ws = peer.ws
+        if ws.protocol.state is not OPEN or peer.closing:
+            return
+        transport = ws.transport
+        if transport.get_write_buffer_size() > self.buffer_limit:
+            self._fall_behind(peer, own)
+            return
+        send_text = ws.protocol.send_text
+        for frame in own:
+            send_text(frame)
+        for frame in shared:
+            send_text(frame)
+        data = ws.protocol.data_to_send()
+        # One write (one syscall) for every frame of this tick.
+        chunk = data[0] if len(data) == 1 else b"".join(data)
+        transport.write(chunk)
+        if data and not data[-1]:
+            # An end-of-stream marker, as websockets' own send_data() would honour it.
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        count = len(own) + len(shared)
+        peer.frames_out += count
+        peer.bytes_out += len(chunk)
+        self.frames_flushed += count
+
+    # Slow consumers
+
+    def _fall_behind(self, peer: Peer, own: list[bytes]) -> None:
+        """Stop writing to ``peer`` until it drains, then resync it from a snapshot.
+
+        Broadcast frames are dropped (the snapshot supersedes them); frames addressed to the
+        peer alone (acks, errors) are kept, and stay bounded because its reads are paused.
+        """
+        peer.lagging = True
+        peer.lagged += 1
+        peer.drained.clear()
+        self.lagging[peer] = None
+        self.skipped += 1
+        peer.outbox = own + peer.outbox
+        if self._resync_handle is None:
+            loop = asyncio.get_running_loop()
+            self._resync_handle = loop.call_later(self.resync_interval, self._check_lagging)
+
+    def _check_lagging(self) -> None:
+        self._resync_handle = None
+        for peer in list(self.lagging):
+            ws = peer.ws
+            if ws.protocol.state is not OPEN:
+                del self.lagging[peer]
+                peer.drained.set()
+                continue
+            if ws.transport.get_write_buffer_size() > self.resume_below:
+                continue
+            del self.lagging[peer]
+            peer.lagging = False
+            # Whatever it missed is summed up by the current position.
+            if peer.mode is Mode.JSON:
+                peer.outbox.append(self.snapshot(peer).encode())
+            else:
+                peer.outbox.append(protocol.encode_plain_total(self.total).encode())
+            own, peer.outbox = peer.outbox, []
+            self._write(peer, own, [])
+            if not peer.lagging:
+                peer.drained.set()
+                if self.on_resync is not None:
+                    self.on_resync(peer)
+        if self.lagging and self._resync_handle is None:
+            loop = asyncio.get_running_loop()
+            self._resync_handle = loop.call_later(self.resync_interval, self._check_lagging)
+
+    def close(self) -> None:
+        for handle in (self._flush_handle, self._presence_handle, self._resync_handle):
+            if handle is not None:
+                handle.cancel()
+        self._flush_handle = self._presence_handle = self._resync_handle = None

@@ -1,0 +1,244 @@
+"""The wire format, as pure functions: parse client frames, encode server frames.
+
+Two modes share one endpoint. Plain mode (no subprotocol) exchanges bare integers and
+``Server records total=N`` lines; JSON mode (subprotocol ``wstally.v1``) exchanges one JSON
+object per frame. See docs/protocol.md for the normative description.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from wstally.tally import Update, in_int64
+
+__all__ = [
+    "MAX_FRAME",
+    "MAX_ID",
+    "MAX_NAME",
+    "SUBPROTOCOL",
+    "Add",
+    "Hello",
+    "ProtocolError",
+    "encode_ack",
+    "encode_error",
+    "encode_plain_error",
+    "encode_plain_total",
+    "encode_presence",
+    "encode_snapshot",
+    "encode_updates",
+    "escape_text",
+    "parse_json",
+    "parse_plain",
+]
+
+SUBPROTOCOL = "wstally.v1"
+# Every legitimate client frame is well under 300 bytes; anything larger is closed with 1009.
+MAX_FRAME = 4096
+MAX_NAME = 32
+MAX_ID = 64
+MAX_CLIENT = 64
+# 19 digits hold every int64; a few more allow leading zeros without inviting huge parses.
+MAX_PLAIN_LEN = 40
+
+# ASCII only: str.isdigit() and \d accept other scripts' digits (e.g. Arabic-Indic), and
+# int() accepts underscores, neither of which a plain client means.
+_PLAIN_RE = re.compile(r"[ \t\r\n]*([+-]?)([0-9]+)[ \t\r\n]*", re.ASCII)
+
+
+class ProtocolError(Exception):
+    """A client frame that cannot be acted on; ``code`` is stable, ``message`` is for people."""
+
+    def __init__(self, code: str, message: str, req_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.req_id = req_id
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    client: str
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Add:
+    delta: int
+    req_id: str | None = None
+
+
+def escape_text(text: str, limit: int = 40) -> str:
+    """A bounded excerpt with control characters escaped, safe to show on any terminal."""
+    excerpt = text[:limit]
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in excerpt)
+    return escaped + ("…" if len(text) > limit else "")
+
+
+def parse_plain(text: str) -> int:
+    """Parse a plain-mode frame: an optionally signed run of ASCII digits."""
+    if len(text) > MAX_PLAIN_LEN:
+        raise ProtocolError("bad_number", f"message too long for a number ({len(text)} chars)")
+    match = _PLAIN_RE.fullmatch(text)
+    if match is None:
+        if not text.strip():
+            raise ProtocolError("bad_number", "empty message; send an integer such as 5 or -3")
+        raise ProtocolError(
+            "bad_number",
+            f"not an integer: '{escape_text(text)}'; send an integer such as 5, -3 or +12",
+        )
+    value = int(match.group(1) + match.group(2))
+    if not in_int64(value):
+        raise ProtocolError("bad_delta", f"{value} is outside the signed 64-bit range")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ProtocolError("bad_json", "invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, int digit limits, our own hooks
+        raise ProtocolError("bad_json", f"invalid JSON: {exc}") from None
+
+
+def parse_json(text: str) -> Hello | Add:
+    """Parse a JSON-mode frame into a typed message or raise ProtocolError."""
+    obj = _loads(text)
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_message", "a message must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_message", "a message needs a string field 'type'")
+    if kind == "add":
+        return _parse_add(obj)
+    if kind == "hello":
+        return _parse_hello(obj)
+    raise ProtocolError(
+        "unknown_type", f"unknown message type '{escape_text(kind)}'; expected 'hello' or 'add'"
+    )
+
+
+def _parse_add(obj: dict[str, Any]) -> Add:
+    req_id = obj.get("id")
+    if req_id is not None and (not isinstance(req_id, str) or not 0 < len(req_id) <= MAX_ID):
+        raise ProtocolError("bad_id", f"'id' must be a non-empty string of at most {MAX_ID} chars")
+    if "delta" not in obj:
+        raise ProtocolError("bad_delta", "an add needs an integer field 'delta'", req_id)
+    delta = obj["delta"]
+    # bool is a subclass of int in Python, but true is not a number on the wire.
+    if type(delta) is not int:
+        raise ProtocolError(
+            "bad_delta",
+            f"'delta' must be a JSON integer, not {_json_kind(delta)}",
+            req_id,
+        )
+    if not in_int64(delta):
+        raise ProtocolError("bad_delta", "'delta' is outside the signed 64-bit range", req_id)
+    return Add(delta, req_id)
+
+
+def _parse_hello(obj: dict[str, Any]) -> Hello:
+    client = obj.get("client")
+    if not isinstance(client, str) or not 0 < len(client) <= MAX_CLIENT or not client.isprintable():
+        raise ProtocolError(
+            "bad_client",
+            f"'client' must be a non-empty printable string of at most {MAX_CLIENT} chars",
+        )
+    name = obj.get("name")
+    if name is not None and (
+        not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or not name.isprintable()
+    ):
+        raise ProtocolError(
+            "bad_name", f"'name' must be non-empty printable text of at most {MAX_NAME} chars"
+        )
+    return Hello(client, name)
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+# Server -> client. Hand-assembled where it matters: these run once per tick or per ack on
+# the hot path, and every value but names and ids is an int we produced ourselves.
+
+
+def encode_snapshot(
+    epoch: str, seq: int, total: int, clients: int, **extra: Any
+) -> str:
+    msg: dict[str, Any] = {
+        "type": "snapshot",
+        "epoch": epoch,
+        "seq": seq,
+        "total": total,
+        "clients": clients,
+    }
+    msg.update(extra)
+    return json.dumps(msg, separators=(",", ":"))
+
+
+def encode_ack(req_id: str, seq: int, total: int, duplicate: bool = False) -> str:
+    dup = ',"duplicate":true' if duplicate else ""
+    return f'{{"type":"ack","id":{json.dumps(req_id)},"seq":{seq},"total":{total}{dup}}}'
+
+
+def _encode_item(update: Update) -> str:
+    by = "null" if update.name is None else json.dumps(update.name)
+    return f'{{"seq":{update.seq},"delta":{update.delta},"total":{update.total},"by":{by}}}'
+
+
+def encode_updates(updates: Sequence[Update]) -> str:
+    last = updates[-1]
+    items = ",".join(map(_encode_item, updates))
+    return f'{{"type":"updates","seq":{last.seq},"total":{last.total},"items":[{items}]}}'
+
+
+def encode_presence(clients: int) -> str:
+    return f'{{"type":"presence","clients":{clients}}}'
+
+
+def encode_error(code: str, message: str, req_id: str | None = None) -> str:
+    msg: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if req_id is not None:
+        msg["id"] = req_id
+    return json.dumps(msg, separators=(",", ":"))
+
+
+def encode_plain_total(total: int) -> str:
+    return f"Server records total={total}"
+
+
+def encode_plain_error(message: str) -> str:
+    return f"error: {message}"
+
+
+def plain_totals(updates: Iterable[Update]) -> list[str]:
+    return [f"Server records total={u.total}" for u in updates]

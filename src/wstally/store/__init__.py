@@ -1,0 +1,9 @@
+"""Durable homes for the tally: one small, engine-neutral interface and its engines."""
+
+from __future__ import annotations
+
+from wstally.store.base import Store, StoredState, StoreError
+from wstally.store.memory import MemoryStore
+from wstally.store.sqlite import SQLiteStore
+
+__all__ = ["MemoryStore", "SQLiteStore", "Store", "StoreError", "StoredState"]

@@ -1,0 +1,48 @@
+"""The interface every store engine implements.
+
+Engines are synchronous: the server calls ``commit`` on a dedicated thread when
+``blocking`` is true, so an engine never needs to know about the event loop.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from wstally.tally import Update
+
+__all__ = ["Store", "StoreError", "StoredState", "new_epoch"]
+
+
+class StoreError(Exception):
+    """The store cannot be opened or read; the message is meant for the operator."""
+
+
+@dataclass(slots=True)
+class StoredState:
+    epoch: str
+    seq: int = 0
+    total: int = 0
+    # Recent updates that carried an id, oldest first, to rebuild the dedup memory.
+    recent_ids: list[Update] = field(default_factory=list)
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+class Store(Protocol):
+    # True when commit() does blocking I/O and must run off the event loop.
+    blocking: bool
+    description: str
+
+    def load(self, window: int) -> StoredState: ...
+
+    def commit(self, batch: Sequence[Update]) -> None:
+        """Make every update in ``batch`` durable, all or nothing, or raise."""
+
+    def history(self, since: int = 0, limit: int | None = None) -> list[Update]: ...
+
+    def close(self) -> None: ...
