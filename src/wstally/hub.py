@@ -36,6 +36,7 @@ class Peer:
         "applied",
         "bytes_out",
         "client",
+        "clients_seen",
         "closing",
         "drained",
         "frames_out",
@@ -58,6 +59,8 @@ class Peer:
         self.name: str | None = None
         # Frames for this connection alone, written at the next flush.
         self.outbox: list[bytes] = []
+        # The client count this peer last heard of, in a snapshot or a presence frame.
+        self.clients_seen = 0
         self.lagging = False
         self.lagged = 0  # how many times this connection fell behind
         self.messages_in = 0
@@ -101,7 +104,6 @@ class Hub:
         self._pending: list[Update] = []
         self._dirty: dict[Peer, None] = {}
         self._presence_dirty = False
-        self._presence_sent = 0
         self._flush_handle: asyncio.Handle | None = None
         self._presence_handle: asyncio.TimerHandle | None = None
         self._resync_handle: asyncio.TimerHandle | None = None
@@ -132,6 +134,8 @@ class Hub:
         return len(self.peers)
 
     def snapshot(self, peer: Peer | None = None, **extra: Any) -> str:
+        if peer is not None:
+            peer.clients_seen = self.clients
         return protocol.encode_snapshot(self.epoch, self.seq, self.total, self.clients, **extra)
 
     # Sending
@@ -178,23 +182,30 @@ class Hub:
         presence: bytes | None = None
         if self._presence_dirty:
             self._presence_dirty = False
-            # Joins and leaves within one interval may cancel out: then there is no news.
-            if self.clients != self._presence_sent:
-                self._presence_sent = self.clients
-                presence = protocol.encode_presence(self.clients).encode()
+            presence = protocol.encode_presence(self.clients).encode()
         if json_frame is None and presence is None:
             targets: Any = self._dirty
         else:
             targets = self.peers
         self._dirty = {}
         shared_json = [f for f in (presence, json_frame) if f is not None]
+        # Peers that already know the count (joins and leaves cancelled out, or their
+        # snapshot said so) get the updates without the presence frame.
+        updates_only = [json_frame] if json_frame is not None else []
+        clients = self.clients
         for peer in targets:
             if peer.lagging:
                 continue
             own = peer.outbox
             if own:
                 peer.outbox = []
-            shared = shared_json if peer.mode is Mode.JSON else plain_frames
+            if peer.mode is Mode.PLAIN:
+                shared = plain_frames
+            elif presence is None or peer.clients_seen == clients:
+                shared = updates_only
+            else:
+                peer.clients_seen = clients
+                shared = shared_json
             if own or shared:
                 self._write(peer, own, shared)
         if updates:

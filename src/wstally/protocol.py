@@ -36,8 +36,9 @@ __all__ = [
 ]
 
 SUBPROTOCOL = "wstally.v1"
-# Every legitimate client frame is well under 300 bytes; anything larger is closed with 1009.
-MAX_FRAME = 4096
+# Every legitimate client frame is well under 300 bytes; 8 KiB leaves room to answer a
+# pasted 5,000-digit "number" with a readable error; anything larger is closed with 1009.
+MAX_FRAME = 8192
 MAX_NAME = 32
 MAX_ID = 64
 MAX_CLIENT = 64

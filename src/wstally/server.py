@@ -73,6 +73,7 @@ class TallyServer:
         )
         self.committer = Committer(self.tally, self.store, self.hub)
         self.draining = False
+        self.stopped = False
         self.started_at = time.time()
         self._server: Server | None = None
 
@@ -141,6 +142,7 @@ class TallyServer:
         self.hub.close()
         self.committer.close()
         self.store.close()
+        self.stopped = True
         log.info(
             "server.stopped",
             seq=self.tally.seq,

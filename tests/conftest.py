@@ -1,0 +1,53 @@
+"""Shared fixtures: real servers on 127.0.0.1 port 0, real clients."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import JsonClient, ServerFactory
+
+from wstally import logsetup
+from wstally.server import ServerConfig, TallyServer
+from wstally.store import SQLiteStore, Store
+
+logsetup.configure("json", os.environ.get("WSTALLY_TEST_LOG_LEVEL", "warning"))
+
+
+@pytest.fixture
+async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """Start servers on a free loopback port; every one is stopped at the end of the test."""
+    started: list[TallyServer] = []
+
+    async def factory(store: Store | None = None, **options: Any) -> TallyServer:
+        config = ServerConfig(host="127.0.0.1", port=0, db=str(tmp_path / "tally.db"), **options)
+        if store is None and not config.memory:
+            store = SQLiteStore(config.db)
+        server = TallyServer(config, store)
+        await server.start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if not server.stopped:
+            await server.stop()
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> TallyServer:
+    return await make_server(memory=True)
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[JsonClient]]:
+    """Collects JSON clients so they are closed however the test ends."""
+    opened: list[JsonClient] = []
+    yield opened
+    for client in opened:
+        await client.close()
+
+
