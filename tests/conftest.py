@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import JsonClient, ServerFactory
 
+from helpers import JsonClient, ServerFactory
 from wstally import logsetup
 from wstally.server import ServerConfig, TallyServer
 from wstally.store import SQLiteStore, Store
@@ -49,5 +49,3 @@ async def clients() -> AsyncIterator[list[JsonClient]]:
     yield opened
     for client in opened:
         await client.close()
-
-

@@ -11,6 +11,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from wstally.protocol import SUBPROTOCOL
 from wstally.server import TallyServer
 from wstally.store import MemoryStore, Store
 from wstally.tally import Update
@@ -36,7 +37,7 @@ class JsonClient:
 
     @classmethod
     async def connect(cls, url: str, hello: dict[str, Any] | None = None) -> JsonClient:
-        ws = await connect(url, subprotocols=["wstally.v1"], open_timeout=within(5))
+        ws = await connect(url, subprotocols=[SUBPROTOCOL], open_timeout=within(5))
         client = cls(ws)
         client.snapshot = await client.expect("snapshot")
         if hello is not None:

@@ -81,11 +81,15 @@ async def test_plain_client_sees_json_update_and_vice_versa(
     clients.append(json_client)
     async with connect(server.url) as plain:
         await plain.send("5")
-        assert await asyncio.wait_for(plain.recv(), within(5)) == "Server records total=5"
+        assert (
+            await asyncio.wait_for(plain.recv(decode=True), within(5)) == "Server records total=5"
+        )
         update = await json_client.expect("updates")
         assert update["items"] == [{"seq": 1, "delta": 5, "total": 5, "by": None}]
         await json_client.send({"type": "add", "delta": -3})
-        assert await asyncio.wait_for(plain.recv(), within(5)) == "Server records total=2"
+        assert (
+            await asyncio.wait_for(plain.recv(decode=True), within(5)) == "Server records total=2"
+        )
 
 
 async def test_plain_client_gets_no_greeting(server: TallyServer) -> None:
@@ -105,7 +109,7 @@ async def test_ack_is_sent_only_after_the_commit(
     await client.send({"type": "add", "delta": 7, "id": "a"})
     with pytest.raises(TimeoutError):
         await client.expect("ack", timeout=within(0.5))
-    status, _, body = await http_get(server.port, "/healthz")
+    _, _, body = await http_get(server.port, "/healthz")
     assert json.loads(body)["total"] == 0  # applied in memory, but not yet published
     store.gate.set()
     ack = await client.expect("ack")
@@ -286,7 +290,7 @@ async def test_binary_frames_are_refused_in_both_modes(
     assert (await client.expect("error"))["code"] == "binary_unsupported"
     async with connect(server.url) as plain:
         await plain.send(b"5")
-        reply = await asyncio.wait_for(plain.recv(), within(5))
+        reply = await asyncio.wait_for(plain.recv(decode=True), within(5))
         assert reply == "error: binary frames are not supported; send text"
     assert server.tally.total == 0
 
@@ -313,18 +317,26 @@ async def test_bad_plain_input_gets_an_error_and_changes_nothing(
 ) -> None:
     async with connect(server.url) as plain, connect(server.url) as other:
         await plain.send("4")
-        assert await asyncio.wait_for(plain.recv(), within(5)) == "Server records total=4"
-        assert await asyncio.wait_for(other.recv(), within(5)) == "Server records total=4"
+        assert (
+            await asyncio.wait_for(plain.recv(decode=True), within(5)) == "Server records total=4"
+        )
+        assert (
+            await asyncio.wait_for(other.recv(decode=True), within(5)) == "Server records total=4"
+        )
         await plain.send(text)
-        reply = await asyncio.wait_for(plain.recv(), within(5))
+        reply = await asyncio.wait_for(plain.recv(decode=True), within(5))
         assert isinstance(reply, str)
         assert reply.startswith("error: ")
         assert reason in reply
         assert "\x1b" not in reply
         await plain.send(" +1 ")
-        assert await asyncio.wait_for(plain.recv(), within(5)) == "Server records total=5"
+        assert (
+            await asyncio.wait_for(plain.recv(decode=True), within(5)) == "Server records total=5"
+        )
         # The other client saw only the valid update: errors go to their sender alone.
-        assert await asyncio.wait_for(other.recv(), within(5)) == "Server records total=5"
+        assert (
+            await asyncio.wait_for(other.recv(decode=True), within(5)) == "Server records total=5"
+        )
 
 
 @pytest.mark.parametrize("text", ["5", "-3", " +12 ", "\t7\n", "007"])
@@ -332,7 +344,7 @@ async def test_plain_numbers_are_accepted(server: TallyServer, text: str) -> Non
     async with connect(server.url) as plain:
         await plain.send(text)
         expected = int(text.strip())
-        reply = await asyncio.wait_for(plain.recv(), within(5))
+        reply = await asyncio.wait_for(plain.recv(decode=True), within(5))
         assert reply == f"Server records total={expected}"
 
 
@@ -348,7 +360,7 @@ async def test_int64_edges(server: TallyServer, clients: list[JsonClient]) -> No
     assert under["code"] == "overflow"
     async with connect(server.url) as plain:
         await plain.send("-1")
-        reply = await asyncio.wait_for(plain.recv(), within(5))
+        reply = await asyncio.wait_for(plain.recv(decode=True), within(5))
         assert reply.startswith("error: ")
         assert "64-bit" in reply
     assert server.tally.total == INT64_MIN
@@ -375,7 +387,7 @@ async def test_invalid_utf8_closes_with_1007(server: TallyServer) -> None:
         plain.protocol.send_text(b"\xff\xfe5")
         plain.send_data()
         with pytest.raises(ConnectionClosed) as closed:
-            await asyncio.wait_for(plain.recv(), within(5))
+            await asyncio.wait_for(plain.recv(decode=True), within(5))
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 1007
     assert server.tally.total == 0
@@ -391,7 +403,7 @@ async def test_unknown_subprotocol_is_refused_with_http_400(server: TallyServer)
 async def test_healthz_and_other_paths(server: TallyServer) -> None:
     async with connect(server.url) as plain:
         await plain.send("42")
-        await asyncio.wait_for(plain.recv(), within(5))
+        await asyncio.wait_for(plain.recv(decode=True), within(5))
         status, headers, body = await http_get(server.port, "/healthz")
         assert status == 200
         assert headers["content-type"] == "application/json"

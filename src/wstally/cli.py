@@ -81,8 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "--compression",
         action="store_true",
         default=_env_flag("COMPRESSION"),
-        help="offer permessage-deflate (costs CPU and memory per client) "
-        "[env WSTALLY_COMPRESSION]",
+        help="offer permessage-deflate (costs CPU and memory per client) [env WSTALLY_COMPRESSION]",
     )
     serve.add_argument(
         "--buffer-limit",

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from websockets.typing import Subprotocol
+
 from wstally.tally import Update, in_int64
 
 __all__ = [
@@ -35,7 +37,7 @@ __all__ = [
     "parse_plain",
 ]
 
-SUBPROTOCOL = "wstally.v1"
+SUBPROTOCOL = Subprotocol("wstally.v1")
 # Every legitimate client frame is well under 300 bytes; 8 KiB leaves room to answer a
 # pasted 5,000-digit "number" with a readable error; anything larger is closed with 1009.
 MAX_FRAME = 8192
@@ -192,9 +194,7 @@ def _json_kind(value: Any) -> str:
 # the hot path, and every value but names and ids is an int we produced ourselves.
 
 
-def encode_snapshot(
-    epoch: str, seq: int, total: int, clients: int, **extra: Any
-) -> str:
+def encode_snapshot(epoch: str, seq: int, total: int, clients: int, **extra: Any) -> str:
     msg: dict[str, Any] = {
         "type": "snapshot",
         "epoch": epoch,

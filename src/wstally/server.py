@@ -18,7 +18,6 @@ from http import HTTPStatus
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
@@ -130,7 +129,11 @@ class TallyServer:
     async def stop(self) -> None:
         """Stop accepting, commit and deliver what is pending, then close everyone with 1001."""
         assert self._server is not None
-        log.info("server.stopping", clients=self.hub.clients, pending=self.tally.seq - self.tally.committed_seq)
+        log.info(
+            "server.stopping",
+            clients=self.hub.clients,
+            pending=self.tally.seq - self.tally.committed_seq,
+        )
         self._server.server.close()
         self.draining = True
         await self.committer.drain()
@@ -157,7 +160,9 @@ class TallyServer:
         path = request.path.partition("?")[0]
         if "Upgrade" in request.headers:
             if path != "/":
-                return conn.respond(HTTPStatus.NOT_FOUND, "Not found: the WebSocket endpoint is /\n")
+                return conn.respond(
+                    HTTPStatus.NOT_FOUND, "Not found: the WebSocket endpoint is /\n"
+                )
             return None
         if path == "/healthz":
             body = {
@@ -213,7 +218,10 @@ class TallyServer:
         peer.messages_in += 1
         if isinstance(message, bytes):
             self._refuse(
-                peer, "binary_unsupported", "binary frames are not supported; send text", None,
+                peer,
+                "binary_unsupported",
+                "binary frames are not supported; send text",
+                None,
                 f"<{len(message)} bytes>",
             )
             return
@@ -230,7 +238,7 @@ class TallyServer:
         except ProtocolError as exc:
             self._refuse(peer, exc.code, exc.message, exc.req_id, message)
             return
-        if type(msg) is Add:
+        if isinstance(msg, Add):
             self._add(peer, msg.delta, msg.req_id, message)
         elif peer.messages_in > 1 or peer.client is not None:
             self._refuse(
@@ -267,9 +275,7 @@ class TallyServer:
             assert type(result) is Refused
             self._refuse(peer, result.code, result.message, req_id, raw)
 
-    def _refuse(
-        self, peer: Peer, code: str, message: str, req_id: str | None, raw: str
-    ) -> None:
+    def _refuse(self, peer: Peer, code: str, message: str, req_id: str | None, raw: str) -> None:
         peer.refused += 1
         log.info("update.refused", code=code, id=req_id, input=protocol.escape_text(raw, 80))
         if peer.mode is Mode.JSON:

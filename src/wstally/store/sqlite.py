@@ -73,9 +73,7 @@ class SQLiteStore:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._release_lock()
-            raise StoreError(
-                f"database {self.path} is in use by another wstally server"
-            ) from None
+            raise StoreError(f"database {self.path} is in use by another wstally server") from None
 
     def _release_lock(self) -> None:
         if self._lock is not None:
