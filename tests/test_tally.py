@@ -1,4 +1,4 @@
-"""Unit and property tests for the I/O-free tally: seq/total, int64 edges, dedup, commit/rollback."""
+"""Unit and property tests for the pure tally: seq/total, int64 edges, dedup, commit/rollback."""
 
 from __future__ import annotations
 
