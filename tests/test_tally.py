@@ -87,8 +87,8 @@ def test_apply_returns_full_update() -> None:
     update = applied(tally.apply(5, conn="k", at=12.5, client="cl", name="Ann", req_id="r1"))
     assert update == Update(42, 5, 105, 12.5, "k", "cl", "Ann", "r1")
     assert (tally.seq, tally.total) == (42, 105)
-    assert update.scope == "cl"
-    assert tally.lookup("cl", "r1") == (42, 105)
+    assert update.scope == "client:cl"
+    assert tally.lookup("client:cl", "r1") == (42, 105)
 
 
 def test_apply_without_id_remembers_nothing() -> None:
@@ -227,8 +227,8 @@ def test_ids_scoped_per_client_across_connections() -> None:
     # Another client may use the same id: both apply.
     second = applied(tally.apply(1, conn="k1", at=0.0, client="bob", req_id="r"))
     assert (second.seq, second.total) == (2, 2)
-    assert tally.lookup("alice", "r") == (1, 1)
-    assert tally.lookup("bob", "r") == (2, 2)
+    assert tally.lookup("client:alice", "r") == (1, 1)
+    assert tally.lookup("client:bob", "r") == (2, 2)
 
 
 def test_ids_scoped_per_connection_without_client() -> None:
@@ -254,7 +254,7 @@ def test_client_scope_and_connection_scope_are_distinct() -> None:
 
 def test_update_scope() -> None:
     assert Update(1, 1, 1, 0.0, "k").scope == "conn:k"
-    assert Update(1, 1, 1, 0.0, "k", client="alice").scope == "alice"
+    assert Update(1, 1, 1, 0.0, "k", client="alice").scope == "client:alice"
 
 
 @given(st.lists(st.tuples(conns, clients, req_ids, st.integers(-5, 5)), max_size=60))
@@ -267,7 +267,7 @@ def test_repeated_id_never_applied_twice(
     total = 0
     for conn, client, req_id, delta in adds:
         result = tally.apply(delta, conn=conn, at=0.0, client=client, req_id=req_id)
-        scope = client if client is not None else "conn:" + conn
+        scope = "client:" + client if client is not None else "conn:" + conn
         if req_id is not None and (scope, req_id) in first_result:
             seq, tot = first_result[(scope, req_id)]
             assert result == Duplicate(req_id, seq, tot)
@@ -287,12 +287,12 @@ def test_repeated_id_never_applied_twice(
 
 def test_remember_and_lookup() -> None:
     tally = Tally("e", seq=10, total=50)
-    assert tally.lookup("alice", "r") is None
-    tally.remember("alice", "r", 9, 45)
+    assert tally.lookup("client:alice", "r") is None
+    tally.remember("client:alice", "r", 9, 45)
     tally.remember("conn:k", "r", 10, 50)
-    assert tally.lookup("alice", "r") == (9, 45)
+    assert tally.lookup("client:alice", "r") == (9, 45)
     assert tally.lookup("conn:k", "r") == (10, 50)
-    assert tally.lookup("bob", "r") is None
+    assert tally.lookup("client:bob", "r") is None
     assert tally.remembered == 2
     # A remembered id from the store makes a resend a duplicate, even on a new connection.
     assert tally.apply(1, conn="new", at=0.0, client="alice", req_id="r") == Duplicate("r", 9, 45)
@@ -453,7 +453,7 @@ class TallyMachine(RuleBasedStateMachine):
         m = self.model
         before = (self.tally.seq, self.tally.total)
         result = self.tally.apply(delta, conn=conn, at=1.5, client=client, name="n", req_id=req_id)
-        scope = client if client is not None else "conn:" + conn
+        scope = "client:" + client if client is not None else "conn:" + conn
         key = (scope, req_id) if req_id is not None else None
         if key is not None and key in m.ids:
             assert result == Duplicate(key[1], *m.ids[key])

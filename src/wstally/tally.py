@@ -65,8 +65,9 @@ class Refused:
 
 
 def dedup_scope(client: str | None, conn: str) -> str:
-    # Without a hello, ids are only meaningful within their own connection.
-    return client if client is not None else "conn:" + conn
+    # Without a hello, ids are only meaningful within their own connection. The prefixes keep
+    # a client that names itself "conn:..." from sharing a connection's ids.
+    return "client:" + client if client is not None else "conn:" + conn
 
 
 class Tally:
