@@ -275,10 +275,17 @@ async def test_hello_is_only_allowed_first(server: TallyServer, clients: list[Js
     clients.append(greeted)
     await greeted.send({"type": "hello", "client": "c2"})
     assert (await greeted.expect("error"))["code"] == "hello_late"
+    # A refused hello does not count: the corrected one is accepted.
+    retry = await JsonClient.connect(server.url, {"client": "r", "name": "\x1b[2J"})
+    clients.append(retry)
+    assert (await retry.expect("error"))["code"] == "bad_name"
+    await retry.send({"type": "hello", "client": "r", "name": "fixed"})
+    await retry.add(0, "z")
+    assert (await retry.expect("updates"))["items"][-1]["by"] == "fixed"
     ack = await greeted.add(1, "b")
+    assert ack["total"] == 2
     update = await greeted.expect("updates")
     assert update["items"][-1]["by"] == "n"
-    assert ack["total"] == 2
 
 
 async def test_binary_frames_are_refused_in_both_modes(

@@ -40,6 +40,7 @@ class Peer:
         "closing",
         "drained",
         "frames_out",
+        "greeted",
         "id",
         "lagged",
         "lagging",
@@ -57,6 +58,7 @@ class Peer:
         self.id = conn_id
         self.client: str | None = None
         self.name: str | None = None
+        self.greeted = False  # a hello or an add was seen: no hello from now on
         # Frames for this connection alone, written at the next flush.
         self.outbox: list[bytes] = []
         # The client count this peer last heard of, in a snapshot or a presence frame.
@@ -168,8 +170,12 @@ class Hub:
         if self._presence_dirty:
             self.flush()
 
-    def flush(self) -> None:
-        """Write everything queued since the last flush; called once per tick."""
+    def flush(self, force: bool = False) -> None:
+        """Write everything queued since the last flush; called once per tick.
+
+        ``force`` (at shutdown) also writes lagging peers their own frames (acks, errors),
+        whatever their buffers hold: they are about to be closed and must not lose an ack.
+        """
         self._flush_handle = None
         updates, self._pending = self._pending, []
         json_frame: bytes | None = None
@@ -193,6 +199,11 @@ class Hub:
         # snapshot said so) get the updates without the presence frame.
         updates_only = [json_frame] if json_frame is not None else []
         clients = self.clients
+        if force:
+            for peer in self.lagging:
+                own, peer.outbox = peer.outbox, []
+                if own:
+                    self._write(peer, own, [], force=True)
         for peer in targets:
             if peer.lagging:
                 continue
@@ -211,13 +222,15 @@ class Hub:
         if updates:
             self.deliveries += len(updates) * len(self.peers)
 
-    def _write(self, peer: Peer, own: list[bytes], shared: list[bytes]) -> None:
+    def _write(
+        self, peer: Peer, own: list[bytes], shared: list[bytes], force: bool = False
+    ) -> None:
         """Write ``own`` (this peer's acks, errors...) then ``shared`` (the broadcast)."""
         ws = peer.ws
         if ws.protocol.state is not OPEN or peer.closing:
             return
         transport = ws.transport
-        if transport.get_write_buffer_size() > self.buffer_limit:
+        if not force and transport.get_write_buffer_size() > self.buffer_limit:
             self._fall_behind(peer, own)
             return
         send_text = ws.protocol.send_text

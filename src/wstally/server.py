@@ -137,7 +137,7 @@ class TallyServer:
         self._server.server.close()
         self.draining = True
         await self.committer.drain()
-        self.hub.flush()
+        self.hub.flush(force=True)
         for peer in list(self.hub.peers):
             peer.drained.set()
         self._server.close(close_connections=True)
@@ -239,12 +239,14 @@ class TallyServer:
             self._refuse(peer, exc.code, exc.message, exc.req_id, message)
             return
         if isinstance(msg, Add):
+            peer.greeted = True
             self._add(peer, msg.delta, msg.req_id, message)
-        elif peer.messages_in > 1 or peer.client is not None:
+        elif peer.greeted:
             self._refuse(
-                peer, "hello_late", "hello is only allowed as the first message", None, message
+                peer, "hello_late", "hello is only allowed once, before any add", None, message
             )
         else:
+            peer.greeted = True
             peer.client = msg.client
             peer.name = msg.name
             structlog.contextvars.bind_contextvars(client=msg.client, name=msg.name)
