@@ -15,6 +15,7 @@ import base64
 import os
 import struct
 from collections.abc import Callable
+from typing import cast
 
 __all__ = ["FrameClient", "HandshakeError", "encode_frame", "open_client"]
 
@@ -61,8 +62,9 @@ class FrameClient(asyncio.Protocol):
         self.close_code: int | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
@@ -140,13 +142,11 @@ class FrameClient(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-async def open_client(
-    host: str, port: int, on_text: Callable[[bytes], None], timeout: float = 10.0
-) -> FrameClient:
+async def open_client(host: str, port: int, on_text: Callable[[bytes], None]) -> FrameClient:
+    """Connect and complete the opening handshake (the caller bounds the time)."""
     loop = asyncio.get_running_loop()
-    _, proto = await asyncio.wait_for(
-        loop.create_connection(lambda: FrameClient(on_text, f"{host}:{port}"), host, port),
-        timeout,
+    _, proto = await loop.create_connection(
+        lambda: FrameClient(on_text, f"{host}:{port}"), host, port
     )
-    await asyncio.wait_for(proto.upgraded, timeout)
+    await proto.upgraded
     return proto

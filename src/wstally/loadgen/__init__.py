@@ -1,0 +1,1 @@
+"""Load generation for wstally: cheap watchers, pipelined or paced senders, a verdict."""

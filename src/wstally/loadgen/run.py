@@ -1,0 +1,455 @@
+"""The load test's coordinator: plan, spawn workers, watch progress, judge, report."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import multiprocessing as mp
+import socket
+import sys
+import time
+from array import array
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from hdrh.histogram import HdrHistogram
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from wstally.loadgen.server_proc import ProcReader, SpawnedServer, healthz
+from wstally.loadgen.worker import Plan, Shared, new_histogram, run_worker
+
+__all__ = ["main"]
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+RING = 1 << 20
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="loadtest.py",
+        description="Load a wstally server, measure it, and check that nothing was lost.",
+    )
+    p.add_argument("--url", default="ws://127.0.0.1:8765/", help="server to load")
+    p.add_argument("--spawn", action="store_true", help="start a throwaway server for the run")
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "memory"),
+        default="sqlite",
+        help="store of the spawned server (default sqlite in a temp dir)",
+    )
+    p.add_argument(
+        "--server-cmd",
+        nargs="+",
+        metavar="ARG",
+        help="command of the spawned server instead of wstally serve "
+        "(it must accept --host and --port and log server.started)",
+    )
+    p.add_argument("--watchers", type=int, default=100, help="receive-only JSON connections")
+    p.add_argument("--senders", type=int, default=10, help="connections sending adds")
+    p.add_argument("--window", type=int, default=50, help="adds in flight per sender")
+    p.add_argument("--rate", type=float, help="adds/s per sender (default: as fast as acks allow)")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--duration", type=float, help="seconds of sending (default 10)")
+    run.add_argument("--updates", type=int, help="total adds to send, split across senders")
+    p.add_argument("--processes", type=int, default=1, help="generator worker processes")
+    p.add_argument("--ramp", type=float, default=0.0, help="spread connecting over SECS")
+    p.add_argument(
+        "--sample-every",
+        type=int,
+        default=8,
+        help="measure fan-out latency on every Nth seq (default 8)",
+    )
+    p.add_argument("--server-pid", type=int, help="read CPU and RSS of this local server")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback target (off by default: load only what you own)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no live progress line")
+    args = p.parse_args(argv)
+    if args.duration is None and args.updates is None:
+        args.duration = 10.0
+    return args
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return all(
+            ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None)
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _percentiles(hist: HdrHistogram) -> dict[str, float]:
+    if hist.get_total_count() == 0:
+        return {}
+    out = {f"p{p:g}": hist.get_value_at_percentile(p) / 1000 for p in PERCENTILES}
+    out["max"] = hist.get_max_value() / 1000
+    out["count"] = hist.get_total_count()
+    return out
+
+
+def _merge(encoded: list[bytes]) -> HdrHistogram:
+    merged = new_histogram()
+    for blob in encoded:
+        merged.decode_and_add(blob)
+    return merged
+
+
+class LoadTest:
+    def __init__(self, args: argparse.Namespace, console: Console) -> None:
+        self.args = args
+        self.console = console
+        self.server: SpawnedServer | None = None
+
+    def run(self) -> int:
+        args = self.args
+        if args.spawn:
+            self.server = SpawnedServer(args.store, args.server_cmd)
+            host, port = self.server.host, self.server.port
+            pid: int | None = self.server.proc.pid
+        else:
+            parts = urlsplit(args.url)
+            if parts.scheme != "ws" or parts.hostname is None:
+                self.console.print(f"[red]unsupported URL {args.url}; use ws://HOST:PORT/")
+                return 2
+            host, port = parts.hostname, parts.port or 80
+            if not args.allow_remote and not _is_loopback(host):
+                self.console.print(f"[red]{host} is not a loopback address; see --allow-remote")
+                return 2
+            pid = args.server_pid
+        try:
+            return self._run(host, port, pid)
+        finally:
+            if self.server is not None:
+                self.server.stop()
+
+    def _run(self, host: str, port: int, pid: int | None) -> int:
+        args = self.args
+        ctx = mp.get_context("spawn")
+        procs_n = max(1, args.processes)
+        shared = Shared(
+            ready=ctx.Value("i", 0),
+            go=ctx.Event(),
+            stop=ctx.Event(),
+            senders_done=ctx.Value("i", 0),
+            final_seq=ctx.Value("q", -1),
+            progress=ctx.RawArray("q", 4 * procs_n),
+            send_times=ctx.RawArray("d", RING),
+            results=ctx.Queue(),
+        )
+        watchers = _split(args.watchers, procs_n)
+        senders = _split(args.senders, procs_n)
+        per_sender = None
+        if args.updates is not None:
+            per_sender = max(1, args.updates // max(1, args.senders))
+        plans = [
+            Plan(
+                index=i,
+                host=host,
+                port=port,
+                watchers=watchers[i],
+                senders=senders[i],
+                window=args.window,
+                rate=args.rate,
+                duration=args.duration,
+                updates=per_sender,
+                ramp=args.ramp,
+                sample_every=args.sample_every,
+            )
+            for i in range(procs_n)
+        ]
+        workers = [ctx.Process(target=run_worker, args=(plan, shared)) for plan in plans]
+        for w in workers:
+            w.start()
+        proc = ProcReader(pid) if pid is not None else None
+        results: list[dict[str, Any]] = []
+        try:
+            results = self._drive(host, port, shared, workers, proc)
+        finally:
+            for w in workers:
+                w.join(timeout=10)
+                if w.is_alive():
+                    w.kill()
+        return self._judge(results)
+
+    def _drive(
+        self,
+        host: str,
+        port: int,
+        shared: Shared,
+        workers: list[Any],
+        proc: ProcReader | None,
+    ) -> list[dict[str, Any]]:
+        args = self.args
+        n = len(workers)
+        t_connect = time.monotonic()
+        while shared.ready.value < n:
+            if not any(w.is_alive() for w in workers):
+                break
+            time.sleep(0.02)
+        self.connect_wall = time.monotonic() - t_connect
+        self.start = healthz(host, port)
+        self.cpu0 = proc.cpu_seconds() if proc else None
+        self.mem_before = proc.memory_kib() if proc else {}
+        shared.go.set()
+        t0 = time.monotonic()
+        live = (
+            None
+            if args.quiet or not self.console.is_terminal
+            else Live(console=self.console, refresh_per_second=4, transient=True)
+        )
+        last_print = t0
+        if live is not None:
+            live.start()
+        try:
+            while shared.senders_done.value < n:
+                elapsed = time.monotonic() - t0
+                if args.duration is not None and elapsed >= args.duration:
+                    shared.stop.set()
+                if not any(w.is_alive() for w in workers):
+                    break
+                line = self._progress_line(shared, n, elapsed)
+                if live is not None:
+                    live.update(line)
+                elif not args.quiet and time.monotonic() - last_print >= 2:
+                    self.console.print(line)
+                    last_print = time.monotonic()
+                time.sleep(0.25)
+        finally:
+            if live is not None:
+                live.stop()
+        self.send_wall = time.monotonic() - t0
+        self.mem_during = proc.memory_kib() if proc else {}
+        self.final = healthz(host, port)
+        shared.final_seq.value = int(self.final["seq"])
+        results = []
+        deadline = time.monotonic() + 120
+        while len(results) < n and time.monotonic() < deadline:
+            try:
+                results.append(shared.results.get(timeout=1))
+            except Exception:  # queue.Empty: keep waiting while workers live
+                if not any(w.is_alive() for w in workers) and shared.results.empty():
+                    break
+        self.cpu1 = proc.cpu_seconds() if proc else None
+        self.mem_after = proc.memory_kib() if proc else {}
+        return results
+
+    def _progress_line(self, shared: Shared, n: int, elapsed: float) -> str:
+        p = shared.progress
+        acked = sum(p[i * 4] for i in range(n))
+        items = sum(p[i * 4 + 1] for i in range(n))
+        errors = sum(p[i * 4 + 2] for i in range(n))
+        conns = sum(p[i * 4 + 3] for i in range(n))
+        rate = acked / elapsed if elapsed else 0
+        deliveries = items / elapsed if elapsed else 0
+        return (
+            f"{elapsed:6.1f}s  connections {conns:,}  acked {acked:,} ({rate:,.0f}/s)  "
+            f"deliveries {deliveries:,.0f}/s  errors {errors:,}"
+        )
+
+    def _judge(self, results: list[dict[str, Any]]) -> int:
+        args = self.args
+        checks: list[tuple[bool, str]] = []
+        fatal = [r["fatal"] for r in results if "fatal" in r]
+        good = [r for r in results if "fatal" not in r]
+        checks.append(
+            (
+                not fatal and len(results) == max(1, args.processes),
+                "every generator process finished" + (f": {fatal}" if fatal else ""),
+            )
+        )
+        acked = sum(r["acked"] for r in good)
+        sent = sum(r["sent"] for r in good)
+        delta_sum = sum(r["delta_sum"] for r in good)
+        refused: dict[str, int] = {}
+        for r in good:
+            for code, count in r["refused"].items():
+                refused[code] = refused.get(code, 0) + count
+        start_seq, start_total = int(self.start["seq"]), int(self.start["total"])
+        final_seq, final_total = int(self.final["seq"]), int(self.final["total"])
+        failed = sum(r["connect_failed"] for r in good)
+        checks.append(
+            (failed == 0, f"{failed} connections failed" if failed else "every connection opened")
+        )
+        unanswered = sum(r["unanswered"] for r in good)
+        checks.append(
+            (
+                unanswered == 0,
+                f"{unanswered} adds never answered" if unanswered else "every add was answered",
+            )
+        )
+        checks.append(
+            (
+                final_total == start_total + delta_sum,
+                f"server total {final_total} == start {start_total} + acked deltas {delta_sum}"
+                if final_total == start_total + delta_sum
+                else f"server total {final_total} != start {start_total} + acked deltas "
+                f"{delta_sum} (off by {final_total - start_total - delta_sum})",
+            )
+        )
+        applied = final_seq - start_seq
+        checks.append((applied == acked, f"server applied {applied} updates, {acked} acked"))
+        seqs = array("q")
+        for r in good:
+            seqs.frombytes(r["acked_seqs"])
+        unique = len(set(seqs))
+        in_range = all(start_seq < s <= final_seq for s in seqs)
+        checks.append(
+            (
+                unique == len(seqs) and in_range,
+                "every ack has its own seq within the run"
+                if unique == len(seqs) and in_range
+                else f"{len(seqs) - unique} acks share a seq; in range: {in_range}",
+            )
+        )
+        dups = sum(r["duplicates"] for r in good)
+        checks.append((dups == 0, f"{dups} acks flagged duplicate for adds sent once"))
+        states: set[tuple[int, int]] = set()
+        for r in good:
+            states.update(tuple(s) for s in r["watcher_states"])
+        behind = sum(r["watchers_behind"] for r in good)
+        same = states <= {(final_seq, final_total)} and behind == 0
+        checks.append(
+            (
+                same,
+                "every watcher ended on the server's seq and total"
+                if same
+                else f"watchers ended on {sorted(states)[:5]}, server on "
+                f"{(final_seq, final_total)}; {behind} behind",
+            )
+        )
+        gaps = sum(r["gaps"] for r in good)
+        examples = [g for r in good for g in r["gap_examples"]][:3]
+        checks.append(
+            (
+                gaps == 0,
+                "no watcher saw a gap"
+                if gaps == 0
+                else f"{gaps} gaps not covered by a snapshot, e.g. {examples}",
+            )
+        )
+        passed = all(ok for ok, _ in checks)
+
+        figures = self._figures(good, acked, sent, refused)
+        self._print(figures, checks, passed)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(
+                    {
+                        "pass": passed,
+                        "checks": [{"ok": ok, "what": what} for ok, what in checks],
+                        **figures,
+                    },
+                    out,
+                    indent=2,
+                )
+        return 0 if passed else 1
+
+    def _figures(
+        self, good: list[dict[str, Any]], acked: int, sent: int, refused: dict[str, int]
+    ) -> dict[str, Any]:
+        args = self.args
+        run_seconds = max((r["run_seconds"] for r in good), default=0.0) or 1e-9
+        send_seconds = max((r["send_seconds"] for r in good), default=0.0) or 1e-9
+        items = sum(r["items"] for r in good)
+        gen_cpu = [r["cpu_seconds"] / max(r["run_seconds"], 1e-9) for r in good]
+        figures: dict[str, Any] = {
+            "config": {k: v for k, v in vars(args).items() if k != "json"},
+            "connections": sum(r["connected"] for r in good),
+            "connect_failed": sum(r["connect_failed"] for r in good),
+            "connect_seconds": round(self.connect_wall, 3),
+            "connect_ms": _percentiles(_merge([r["connect_hist"] for r in good])),
+            "sent": sent,
+            "acked": acked,
+            "refused": refused,
+            "ingest_per_s": round(acked / send_seconds, 1),
+            "deliveries": items,
+            "deliveries_per_s": round(items / run_seconds, 1),
+            "send_seconds": round(send_seconds, 3),
+            "run_seconds": round(run_seconds, 3),
+            "ack_ms": _percentiles(_merge([r["ack_hist"] for r in good])),
+            "fanout_ms": _percentiles(_merge([r["fanout_hist"] for r in good])),
+            "snapshots_seen": sum(r["snapshots"] for r in good),
+            "generator_cpu": [round(c, 3) for c in gen_cpu],
+            "generator_saturated": any(c > 0.9 for c in gen_cpu),
+            "start": self.start,
+            "final": self.final,
+        }
+        if self.cpu0 is not None and self.cpu1 is not None:
+            cpu = self.cpu1 - self.cpu0
+            figures["server_cpu_seconds"] = round(cpu, 3)
+            figures["server_cpu_us_per_delivery"] = round(cpu * 1e6 / max(items, 1), 4)
+            figures["server_rss_kib"] = self.mem_during.get("VmRSS")
+            figures["server_peak_rss_kib"] = self.mem_after.get("VmHWM")
+            conns = figures["connections"]
+            if conns and self.mem_during.get("VmRSS"):
+                figures["server_rss_kib_per_connection"] = round(
+                    self.mem_during["VmRSS"] / conns, 2
+                )
+        return figures
+
+    def _print(self, f: dict[str, Any], checks: list[tuple[bool, str]], passed: bool) -> None:
+        table = Table(title="wstally load test", show_header=False)
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        table.add_row(
+            "connections",
+            f"{f['connections']:,} ({f['connect_failed']} failed) in {f['connect_seconds']} s",
+        )
+        table.add_row("connect p50 / p99", _ms(f["connect_ms"], "p50", "p99"))
+        table.add_row(
+            "adds sent / acked / refused",
+            f"{f['sent']:,} / {f['acked']:,} / {sum(f['refused'].values()):,}",
+        )
+        table.add_row("ingest (acked/s)", f"{f['ingest_per_s']:,.0f}")
+        table.add_row("deliveries/s", f"{f['deliveries_per_s']:,.0f}")
+        for key, label in (("ack_ms", "ack latency"), ("fanout_ms", "fan-out latency")):
+            table.add_row(
+                f"{label} p50/p90/p99/p99.9/max", _ms(f[key], "p50", "p90", "p99", "p99.9", "max")
+            )
+        if "server_cpu_seconds" in f:
+            table.add_row(
+                "server CPU s (µs/delivery)",
+                f"{f['server_cpu_seconds']} ({f['server_cpu_us_per_delivery']})",
+            )
+            table.add_row(
+                "server RSS / peak (KiB)", f"{f['server_rss_kib']:,} / {f['server_peak_rss_kib']:,}"
+            )
+        table.add_row("generator CPU (cores)", ", ".join(f"{c:.2f}" for c in f["generator_cpu"]))
+        self.console.print(table)
+        if f["generator_saturated"]:
+            self.console.print(
+                "[yellow]warning: a generator process used >90% of a core: "
+                "the generator, not the server, may be the bottleneck; "
+                "add --processes"
+            )
+        for ok, what in checks:
+            self.console.print(("[green]ok  [/] " if ok else "[red]FAIL[/] ") + what)
+        self.console.print("[bold green]PASS" if passed else "[bold red]FAIL")
+
+
+def _ms(figs: dict[str, float], *keys: str) -> str:
+    if not figs:
+        return "-"
+    return " / ".join(f"{figs[k]:.2f}" for k in keys) + " ms"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console(stderr=False)
+    return LoadTest(args, console).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

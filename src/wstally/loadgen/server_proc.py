@@ -1,0 +1,92 @@
+"""A throwaway server for ``--spawn``, and /proc readings of a local server's CPU and memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ProcReader", "SpawnedServer", "healthz"]
+
+
+def healthz(host: str, port: int, timeout: float = 5.0) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=timeout) as response:
+        body: dict[str, Any] = json.load(response)
+        return body
+
+
+class SpawnedServer:
+    """``wstally serve`` (or another server command) on a free loopback port."""
+
+    def __init__(self, store: str = "sqlite", command: list[str] | None = None) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="wstally-load-")
+        if command is None:
+            command = [sys.executable, "-m", "wstally", "serve", "--log-format", "json"]
+            command += ["--memory"] if store == "memory" else ["--db", "load.db"]
+        self.log_path = Path(self.tmp.name) / "server.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", "0"],
+            cwd=self.tmp.name,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+        )
+        self.host = "127.0.0.1"
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
+            for line in self.log_path.read_text().splitlines():
+                if '"server.started"' in line:
+                    port = int(json.loads(line)["port"])
+                    healthz(self.host, port)
+                    return port
+            time.sleep(0.05)
+        raise RuntimeError("server did not start within 30 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self.tmp.cleanup()
+
+
+class ProcReader:
+    """CPU seconds and memory of a local process, from /proc (Linux)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds(self) -> float | None:
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / self.ticks
+
+    def memory_kib(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    found[key] = int(value.split()[0])
+        except OSError:
+            pass
+        return found

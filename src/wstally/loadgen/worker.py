@@ -1,0 +1,401 @@
+"""One load-generator process: its share of watchers and senders, on one event loop.
+
+The coordinator (scripts/loadtest.py) starts several of these so that the generator is not
+the bottleneck, and steps them through phases: connect, go, senders done, catch up, report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import resource
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from wstally.loadgen.wire import FrameClient, open_client
+
+__all__ = ["Plan", "Shared", "new_histogram", "run_worker"]
+
+_UPDATES = b'{"type":"updates","seq":'
+_SNAPSHOT = b'{"type":"snapshot"'
+_ACK = b'{"type":"ack"'
+_ERROR = b'{"type":"error"'
+
+# Latencies are recorded in microseconds, from 1 µs to 10 minutes, 3 significant digits.
+HIST_MAX_US = 600_000_000
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(1, HIST_MAX_US, 3)
+
+
+@dataclass
+class Plan:
+    index: int
+    host: str
+    port: int
+    watchers: int
+    senders: int
+    window: int = 50
+    rate: float | None = None  # adds per second per sender; None: as fast as acks allow
+    duration: float | None = 10.0
+    updates: int | None = None  # per sender
+    ramp: float = 0.0
+    sample_every: int = 8  # fan-out latency is measured on every Nth seq
+    connect_timeout: float = 30.0
+
+
+@dataclass
+class Shared:
+    """What the coordinator and the workers exchange while running (multiprocessing objects)."""
+
+    ready: Any  # Barrier-like: Event per worker is simpler: a Value counter
+    go: Any  # Event
+    stop: Any  # Event: stop sending now (duration elapsed or interrupt)
+    senders_done: Any  # Value('i'): workers whose senders finished
+    final_seq: Any  # Value('q'): -1 until known
+    progress: Any  # RawArray('q', 4 * workers): acked, items, errors, connected
+    send_times: Any  # RawArray('d', ring): send time of sampled seqs
+    results: Any  # Queue
+
+
+class Watcher:
+    """Checks continuity and counts deliveries from frame headers alone."""
+
+    __slots__ = ("frames", "gaps", "items", "last_seq", "last_total", "sample", "snapshots", "t")
+
+    def __init__(self, sample_every: int, samples: tuple[array[int], array[float]] | None):
+        self.last_seq = -1
+        self.last_total = 0
+        self.items = 0
+        self.frames = 0
+        self.gaps: list[tuple[int, int]] = []
+        self.snapshots = 0
+        self.sample = sample_every
+        self.t = samples
+
+    def on_text(self, p: bytes) -> None:
+        if p.startswith(_UPDATES):
+            j = p.index(b",", 24)
+            top = int(p[24:j])
+            k = p.index(b",", j + 9)
+            self.last_total = int(p[j + 9 : k])
+            m = k + 17
+            first = int(p[m : p.index(b",", m)])
+            if first != self.last_seq + 1:
+                self.gaps.append((self.last_seq, first))
+            self.items += top - first + 1
+            self.frames += 1
+            self.last_seq = top
+            samples = self.t
+            if samples is not None:
+                k = self.sample
+                s = first + (-first % k)
+                if s <= top:
+                    now = time.monotonic()
+                    seqs, times = samples
+                    while s <= top:
+                        seqs.append(s)
+                        times.append(now)
+                        s += k
+        elif p.startswith(_SNAPSHOT):
+            snap = json.loads(p)
+            self.last_seq = snap["seq"]
+            self.last_total = snap["total"]
+            self.snapshots += 1
+
+
+@dataclass
+class SenderStats:
+    sent: int = 0
+    acked: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    delta_sum: int = 0
+    seqs: array[int] = field(default_factory=lambda: array("q"))
+
+
+class Sender:
+    """Sends adds with ids, pipelined (bounded window) or paced (fixed rate)."""
+
+    def __init__(self, name: str, plan: Plan, shared: Shared, ack_hist: HdrHistogram) -> None:
+        self.name = name
+        self.plan = plan
+        self.shared = shared
+        self.ack_hist = ack_hist
+        self.client: FrameClient | None = None
+        self.stats = SenderStats()
+        self.sent_at: dict[int, float] = {}
+        self.deltas: dict[int, int] = {}
+        self.next_n = 0
+        self.finished = asyncio.Event()
+        self.stopping = False
+        self.rng = random.Random(hash(name))
+        self._queue: list[bytes] = []
+        self._flush_scheduled = False
+        self.ring = len(shared.send_times)
+
+    def limit_reached(self) -> bool:
+        limit = self.plan.updates
+        return self.stopping or (limit is not None and self.next_n >= limit)
+
+    def send_next(self, intended: float | None = None) -> None:
+        n = self.next_n
+        self.next_n += 1
+        delta = self.rng.randint(-1000, 1000)
+        self.deltas[n] = delta
+        self.sent_at[n] = intended if intended is not None else time.monotonic()
+        self._queue.append(
+            b'{"type":"add","delta":%d,"id":"%s-%d"}' % (delta, self.name.encode(), n)
+        )
+        self.stats.sent += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        # Every add decided in this tick leaves in one write.
+        self._flush_scheduled = False
+        queue, self._queue = self._queue, []
+        if queue and self.client is not None:
+            self.client.send_many(queue)
+
+    def on_text(self, p: bytes) -> None:
+        if p.startswith(_ACK):
+            now = time.monotonic()
+            ack = json.loads(p)
+            n = int(ack["id"].rpartition("-")[2])
+            sent = self.sent_at.pop(n, None)
+            if sent is None:
+                return
+            stats = self.stats
+            if ack.get("duplicate"):
+                stats.duplicates += 1
+            stats.acked += 1
+            seq = ack["seq"]
+            stats.seqs.append(seq)
+            stats.delta_sum += self.deltas.pop(n)
+            self.ack_hist.record_value(max(1, int((now - sent) * 1e6)))
+            k = self.plan.sample_every
+            if seq % k == 0:
+                self.shared.send_times[(seq // k) % self.ring] = sent
+            self._after_answer()
+        elif p.startswith(_ERROR):
+            err = json.loads(p)
+            code = err.get("code", "?")
+            self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
+            req = err.get("id")
+            if req is not None:
+                n = int(req.rpartition("-")[2])
+                self.sent_at.pop(n, None)
+                self.deltas.pop(n, None)
+            self._after_answer()
+
+    def _after_answer(self) -> None:
+        if self.plan.rate is None and not self.limit_reached():
+            self.send_next()
+        elif self.limit_reached() and not self.sent_at:
+            self.finished.set()
+
+    async def run(self) -> None:
+        plan = self.plan
+        if plan.rate is None:
+            for _ in range(plan.window):
+                if self.limit_reached():
+                    break
+                self.send_next()
+        else:
+            await self._paced(plan.rate)
+        if self.limit_reached() and not self.sent_at:
+            self.finished.set()
+        await self.finished.wait()
+
+    async def _paced(self, rate: float) -> None:
+        # Latency is measured from the intended send time, so a server that falls behind
+        # cannot hide it by slowing the generator down (coordinated omission).
+        start = time.monotonic()
+        interval = 1.0 / rate
+        while not self.limit_reached():
+            due = start + self.next_n * interval
+            now = time.monotonic()
+            if due > now:
+                await asyncio.sleep(min(due - now, 0.005))
+                continue
+            while not self.limit_reached() and start + self.next_n * interval <= now:
+                self.send_next(start + self.next_n * interval)
+            await asyncio.sleep(0)
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(wanted, soft)), hard))
+
+
+def run_worker(plan: Plan, shared: Shared) -> None:
+    """Entry point of a worker process."""
+    _raise_fd_limit(plan.watchers + plan.senders + 256)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is optional
+        runner = asyncio.run
+    try:
+        result = runner(_main(plan, shared))
+    except Exception as exc:  # report, never hang the coordinator
+        result = {"index": plan.index, "fatal": f"{type(exc).__name__}: {exc}"}
+    shared.results.put(result)
+
+
+async def _connect_all(
+    plan: Plan, callbacks: list[Any], hist: HdrHistogram
+) -> tuple[list[FrameClient | None], int, list[str]]:
+    sem = asyncio.Semaphore(200)
+    errors: list[str] = []
+    ramp_step = plan.ramp / max(1, len(callbacks))
+
+    async def one(i: int, cb: Any) -> FrameClient | None:
+        if ramp_step:
+            await asyncio.sleep(i * ramp_step)
+        async with sem:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(plan.connect_timeout):
+                    client = await open_client(plan.host, plan.port, cb)
+            except (OSError, TimeoutError, Exception) as exc:
+                if len(errors) < 5:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                return None
+            hist.record_value(max(1, int((time.monotonic() - started) * 1e6)))
+            return client
+
+    clients = await asyncio.gather(*(one(i, cb) for i, cb in enumerate(callbacks)))
+    failed = sum(1 for c in clients if c is None)
+    return list(clients), failed, errors
+
+
+async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
+    base = plan.index * 4
+    progress = shared.progress
+    samples = (array("q"), array("d"))
+    watchers = [Watcher(plan.sample_every, samples) for _ in range(plan.watchers)]
+    ack_hist = new_histogram()
+    senders = [Sender(f"w{plan.index}s{i}", plan, shared, ack_hist) for i in range(plan.senders)]
+    connect_hist = new_histogram()
+    cpu0 = time.process_time()
+    t0 = time.monotonic()
+    conns, failed, errors = await _connect_all(
+        plan, [w.on_text for w in watchers] + [s.on_text for s in senders], connect_hist
+    )
+    connect_seconds = time.monotonic() - t0
+    for sender, conn in zip(senders, conns[plan.watchers :], strict=True):
+        sender.client = conn
+    progress[base + 3] = len(conns) - failed
+    with shared.ready.get_lock():
+        shared.ready.value += 1
+    # Wait for the coordinator's go (it reads the starting total meanwhile).
+    while not shared.go.is_set():
+        await asyncio.sleep(0.01)
+
+    cpu_run0 = time.process_time()
+    run0 = time.monotonic()
+    live = [s for s in senders if s.client is not None]
+    tasks = [asyncio.ensure_future(s.run()) for s in live]
+
+    async def report() -> None:
+        while True:
+            progress[base] = sum(s.stats.acked for s in senders)
+            progress[base + 1] = sum(w.items for w in watchers)
+            progress[base + 2] = sum(sum(s.stats.refused.values()) for s in senders)
+            if shared.stop.is_set():
+                for s in senders:
+                    s.stopping = True
+                    if not s.sent_at:
+                        s.finished.set()
+            await asyncio.sleep(0.1)
+
+    reporter = asyncio.ensure_future(report())
+    if tasks:
+        await asyncio.wait(tasks)
+    send_seconds = time.monotonic() - run0
+    with shared.senders_done.get_lock():
+        shared.senders_done.value += 1
+    # Catch up: every watcher must reach the server's final seq.
+    while shared.final_seq.value < 0:
+        await asyncio.sleep(0.01)
+    final = shared.final_seq.value
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and any(w.last_seq < final for w in watchers):
+        await asyncio.sleep(0.02)
+    run_seconds = time.monotonic() - run0
+    cpu_run = time.process_time() - cpu_run0
+    reporter.cancel()
+    progress[base + 1] = sum(w.items for w in watchers)
+
+    fanout = new_histogram()
+    ring = len(shared.send_times)
+    k = plan.sample_every
+    send_times = shared.send_times
+    seqs, times = samples
+    unmatched = 0
+    for seq, t in zip(seqs, times, strict=True):
+        sent = send_times[(seq // k) % ring]
+        if sent <= 0 or sent > t:
+            unmatched += 1
+            continue
+        fanout.record_value(max(1, int((t - sent) * 1e6)))
+
+    for conn in conns:
+        if conn is not None:
+            conn.close()
+    await asyncio.sleep(0.05)
+    for conn in conns:
+        if conn is not None and conn.transport is not None:
+            conn.transport.close()
+
+    watcher_states = {(w.last_seq, w.last_total) for w in watchers if w.last_seq >= 0}
+    return {
+        "index": plan.index,
+        "connected": len(conns) - failed,
+        "connect_failed": failed,
+        "connect_errors": errors,
+        "connect_seconds": connect_seconds,
+        "connect_hist": connect_hist.encode(),
+        "ack_hist": ack_hist.encode(),
+        "fanout_hist": fanout.encode(),
+        "fanout_unmatched": unmatched,
+        "sent": sum(s.stats.sent for s in senders),
+        "acked": sum(s.stats.acked for s in senders),
+        "unanswered": sum(len(s.sent_at) for s in senders),
+        "duplicates": sum(s.stats.duplicates for s in senders),
+        "refused": _merge_counts(s.stats.refused for s in senders),
+        "delta_sum": sum(s.stats.delta_sum for s in senders),
+        "acked_seqs": array("q", [q for s in senders for q in s.stats.seqs]).tobytes(),
+        "items": sum(w.items for w in watchers),
+        "frames": sum(w.frames for w in watchers),
+        "snapshots": sum(w.snapshots for w in watchers),
+        "gaps": sum(len(w.gaps) for w in watchers),
+        "gap_examples": [g for w in watchers for g in w.gaps][:5],
+        "watcher_states": sorted(watcher_states),
+        "watchers_behind": sum(1 for w in watchers if w.last_seq < final),
+        "send_seconds": send_seconds,
+        "run_seconds": run_seconds,
+        "cpu_seconds": cpu_run,
+        "cpu_total": time.process_time() - cpu0,
+    }
+
+
+def _merge_counts(dicts: Any) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for d in dicts:
+        for key, value in d.items():
+            merged[key] = merged.get(key, 0) + value
+    return merged
