@@ -233,7 +233,7 @@ class LoadTest:
         self.mem_during = proc.memory_kib() if proc else {}
         self.final = healthz(host, port)
         shared.final_seq.value = int(self.final["seq"])
-        results = []
+        results: list[dict[str, Any]] = []
         deadline = time.monotonic() + 120
         while len(results) < n and time.monotonic() < deadline:
             try:

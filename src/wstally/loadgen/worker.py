@@ -302,7 +302,8 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
     with shared.ready.get_lock():
         shared.ready.value += 1
     # Wait for the coordinator's go (it reads the starting total meanwhile).
-    while not shared.go.is_set():
+    # The flags are shared across processes: no asyncio.Event can stand in for them.
+    while not shared.go.is_set():  # noqa: ASYNC110
         await asyncio.sleep(0.01)
 
     cpu_run0 = time.process_time()
@@ -329,11 +330,11 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
     with shared.senders_done.get_lock():
         shared.senders_done.value += 1
     # Catch up: every watcher must reach the server's final seq.
-    while shared.final_seq.value < 0:
+    while shared.final_seq.value < 0:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     final = shared.final_seq.value
     deadline = time.monotonic() + 30.0
-    while time.monotonic() < deadline and any(w.last_seq < final for w in watchers):
+    while time.monotonic() < deadline and any(w.last_seq < final for w in watchers):  # noqa: ASYNC110
         await asyncio.sleep(0.02)
     run_seconds = time.monotonic() - run0
     cpu_run = time.process_time() - cpu_run0
