@@ -6,11 +6,13 @@ import argparse
 import ipaddress
 import json
 import multiprocessing as mp
+import shlex
 import socket
 import sys
 import time
 from array import array
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,10 +45,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--server-cmd",
-        nargs="+",
-        metavar="ARG",
-        help="command of the spawned server instead of wstally serve "
-        "(it must accept --host and --port and log server.started)",
+        metavar="CMD",
+        help="command line of the spawned server instead of wstally serve "
+        "(it must accept --host and --port and print a server.started JSON line)",
+    )
+    p.add_argument(
+        "--compare",
+        choices=("naive",),
+        help="run the same load against benchmarks/naive_server.py too (implies --spawn) "
+        "and print the ratios",
     )
     p.add_argument("--watchers", type=int, default=100, help="receive-only JSON connections")
     p.add_argument("--senders", type=int, default=10, help="connections sending adds")
@@ -115,7 +122,8 @@ class LoadTest:
     def run(self) -> int:
         args = self.args
         if args.spawn:
-            self.server = SpawnedServer(args.store, args.server_cmd)
+            command = shlex.split(args.server_cmd) if args.server_cmd else None
+            self.server = SpawnedServer(args.store, command)
             host, port = self.server.host, self.server.port
             pid: int | None = self.server.proc.pid
         else:
@@ -445,9 +453,50 @@ def _ms(figs: dict[str, float], *keys: str) -> str:
     return " / ".join(f"{figs[k]:.2f}" for k in keys) + " ms"
 
 
+NAIVE = Path(__file__).resolve().parents[3] / "benchmarks" / "naive_server.py"
+
+
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    """The same load against wstally and the naive reference, one after the other."""
+    results: dict[str, dict[str, Any]] = {}
+    codes = []
+    json_path = args.json
+    for label, command in (("wstally", args.server_cmd), ("naive", f"{sys.executable} {NAIVE}")):
+        console.rule(label)
+        run_args = argparse.Namespace(
+            **{**vars(args), "spawn": True, "server_cmd": command, "json": None}
+        )
+        test = LoadTest(run_args, console)
+        codes.append(test.run())
+        results[label] = getattr(test, "figures", {})
+    table = Table(title="wstally / naive")
+    for column in ("figure", "wstally", "naive", "ratio"):
+        table.add_column(column, justify="right")
+    ratios: dict[str, float] = {}
+    for key in ("deliveries_per_s", "ingest_per_s"):
+        ours, theirs = results["wstally"].get(key, 0), results["naive"].get(key, 0)
+        ratio = ours / theirs if theirs else float("inf")
+        ratios[key] = round(ratio, 2)
+        table.add_row(key, f"{ours:,.0f}", f"{theirs:,.0f}", f"{ratio:.1f}x")
+    for key in ("ack_ms", "fanout_ms"):
+        ours_p, theirs_p = (results[k].get(key, {}).get("p99") for k in ("wstally", "naive"))
+        if ours_p and theirs_p:
+            table.add_row(
+                f"{key} p99", f"{ours_p:.2f}", f"{theirs_p:.2f}", f"{theirs_p / ours_p:.1f}x better"
+            )
+    console.print(table)
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump({"runs": results, "ratios": ratios}, out, indent=2)
+    # The naive server may fail the verdict under load; only our own verdict decides.
+    return codes[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=False)
+    if args.compare:
+        return _compare(args, console)
     return LoadTest(args, console).run()
 
 

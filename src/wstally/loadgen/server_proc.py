@@ -28,12 +28,12 @@ class SpawnedServer:
         self.tmp = tempfile.TemporaryDirectory(prefix="wstally-load-")
         if command is None:
             command = [sys.executable, "-m", "wstally", "serve", "--log-format", "json"]
-            command += ["--memory"] if store == "memory" else ["--db", "load.db"]
+            db = str(Path(self.tmp.name) / "load.db")
+            command += ["--memory"] if store == "memory" else ["--db", db]
         self.log_path = Path(self.tmp.name) / "server.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", "0"],
-            cwd=self.tmp.name,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,

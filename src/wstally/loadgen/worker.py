@@ -23,9 +23,6 @@ from wstally.loadgen.wire import FrameClient, open_client
 __all__ = ["Plan", "Shared", "new_histogram", "run_worker"]
 
 _UPDATES = b'{"type":"updates","seq":'
-_SNAPSHOT = b'{"type":"snapshot"'
-_ACK = b'{"type":"ack"'
-_ERROR = b'{"type":"error"'
 
 # Latencies are recorded in microseconds, from 1 µs to 10 minutes, 3 significant digits.
 HIST_MAX_US = 600_000_000
@@ -81,34 +78,44 @@ class Watcher:
         self.t = samples
 
     def on_text(self, p: bytes) -> None:
-        if p.startswith(_UPDATES):
-            j = p.index(b",", 24)
-            top = int(p[24:j])
-            k = p.index(b",", j + 9)
-            self.last_total = int(p[j + 9 : k])
-            m = k + 17
-            first = int(p[m : p.index(b",", m)])
-            if first != self.last_seq + 1:
-                self.gaps.append((self.last_seq, first))
-            self.items += top - first + 1
-            self.frames += 1
-            self.last_seq = top
-            samples = self.t
-            if samples is not None:
-                k = self.sample
-                s = first + (-first % k)
-                if s <= top:
-                    now = time.monotonic()
-                    seqs, times = samples
-                    while s <= top:
-                        seqs.append(s)
-                        times.append(now)
-                        s += k
-        elif p.startswith(_SNAPSHOT):
-            snap = json.loads(p)
-            self.last_seq = snap["seq"]
-            self.last_total = snap["total"]
+        if not p.startswith(_UPDATES):
+            self._slow_path(json.loads(p))
+            return
+        # wstally's compact encoding puts both seqs at fixed places: no JSON parse needed.
+        j = p.index(b",", 24)
+        top = int(p[24:j])
+        k = p.index(b",", j + 9)
+        m = k + 17
+        self._updates(int(p[m : p.index(b",", m)]), top, int(p[j + 9 : k]))
+
+    def _slow_path(self, msg: dict[str, Any]) -> None:
+        # Other servers (the naive reference) may space their JSON differently.
+        kind = msg.get("type")
+        if kind == "updates":
+            self._updates(msg["items"][0]["seq"], msg["seq"], msg["total"])
+        elif kind == "snapshot":
+            self.last_seq = msg["seq"]
+            self.last_total = msg["total"]
             self.snapshots += 1
+
+    def _updates(self, first: int, top: int, total: int) -> None:
+        if first != self.last_seq + 1:
+            self.gaps.append((self.last_seq, first))
+        self.items += top - first + 1
+        self.frames += 1
+        self.last_seq = top
+        self.last_total = total
+        samples = self.t
+        if samples is not None:
+            k = self.sample
+            s = first + (-first % k)
+            if s <= top:
+                now = time.monotonic()
+                seqs, times = samples
+                while s <= top:
+                    seqs.append(s)
+                    times.append(now)
+                    s += k
 
 
 @dataclass
@@ -167,35 +174,43 @@ class Sender:
             self.client.send_many(queue)
 
     def on_text(self, p: bytes) -> None:
-        if p.startswith(_ACK):
-            now = time.monotonic()
-            ack = json.loads(p)
-            n = int(ack["id"].rpartition("-")[2])
-            sent = self.sent_at.pop(n, None)
-            if sent is None:
-                return
-            stats = self.stats
-            if ack.get("duplicate"):
-                stats.duplicates += 1
-            stats.acked += 1
-            seq = ack["seq"]
-            stats.seqs.append(seq)
-            stats.delta_sum += self.deltas.pop(n)
-            self.ack_hist.record_value(max(1, int((now - sent) * 1e6)))
-            k = self.plan.sample_every
-            if seq % k == 0:
-                self.shared.send_times[(seq // k) % self.ring] = sent
-            self._after_answer()
-        elif p.startswith(_ERROR):
-            err = json.loads(p)
-            code = err.get("code", "?")
-            self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
-            req = err.get("id")
-            if req is not None:
-                n = int(req.rpartition("-")[2])
-                self.sent_at.pop(n, None)
-                self.deltas.pop(n, None)
-            self._after_answer()
+        if p.startswith(_UPDATES):
+            return
+        msg = json.loads(p)
+        kind = msg.get("type")
+        if kind == "ack":
+            self._ack(msg)
+        elif kind == "error":
+            self._error(msg)
+
+    def _ack(self, ack: dict[str, Any]) -> None:
+        now = time.monotonic()
+        n = int(ack["id"].rpartition("-")[2])
+        sent = self.sent_at.pop(n, None)
+        if sent is None:
+            return
+        stats = self.stats
+        if ack.get("duplicate"):
+            stats.duplicates += 1
+        stats.acked += 1
+        seq = ack["seq"]
+        stats.seqs.append(seq)
+        stats.delta_sum += self.deltas.pop(n)
+        self.ack_hist.record_value(max(1, int((now - sent) * 1e6)))
+        k = self.plan.sample_every
+        if seq % k == 0:
+            self.shared.send_times[(seq // k) % self.ring] = sent
+        self._after_answer()
+
+    def _error(self, err: dict[str, Any]) -> None:
+        code = err.get("code", "?")
+        self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
+        req = err.get("id")
+        if req is not None:
+            n = int(req.rpartition("-")[2])
+            self.sent_at.pop(n, None)
+            self.deltas.pop(n, None)
+        self._after_answer()
 
     def _after_answer(self) -> None:
         if self.plan.rate is None and not self.limit_reached():
