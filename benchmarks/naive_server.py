@@ -19,6 +19,12 @@ from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.http11 import Request, Response
 
 state = {"seq": 0, "total": 0}
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
 EPOCH = secrets.token_hex(8)
 clients: set[ServerConnection] = set()
 
@@ -26,7 +32,7 @@ clients: set[ServerConnection] = set()
 async def handler(ws: ServerConnection, fault: str | None) -> None:
     clients.add(ws)
     snapshot = {"type": "snapshot", "epoch": EPOCH, **state, "clients": len(clients)}
-    await ws.send(json.dumps(snapshot))
+    await ws.send(dumps(snapshot))
     try:
         async for message in ws:
             add = json.loads(message)
@@ -35,21 +41,19 @@ async def handler(ws: ServerConnection, fault: str | None) -> None:
             delta = add["delta"] * (2 if fault == "double" and seq == 100 else 1)
             state["total"] += delta
             total = state["total"]
-            await ws.send(
-                json.dumps({"type": "ack", "id": add.get("id"), "seq": seq, "total": total})
-            )
+            await ws.send(dumps({"type": "ack", "id": add.get("id"), "seq": seq, "total": total}))
             if fault == "drop" and seq == 100:
                 continue  # the update is applied and acked, but nobody hears of it
             item = {"seq": seq, "delta": add["delta"], "total": total, "by": None}
             update = {"type": "updates", "seq": seq, "total": total, "items": [item]}
-            broadcast(clients, json.dumps(update))
+            broadcast(clients, dumps(update))
     finally:
         clients.discard(ws)
 
 
 def health(ws: ServerConnection, request: Request) -> Response | None:
     if request.path == "/healthz":
-        response = ws.respond(HTTPStatus.OK, json.dumps({"status": "ok", **state, "epoch": EPOCH}))
+        response = ws.respond(HTTPStatus.OK, dumps({"status": "ok", **state, "epoch": EPOCH}))
         return response
     return None
 
@@ -68,7 +72,7 @@ async def main() -> None:
         process_request=health,
     ) as server:
         port = server.sockets[0].getsockname()[1]
-        print(json.dumps({"event": "server.started", "port": port}), flush=True)
+        print(dumps({"event": "server.started", "port": port}), flush=True)
         await server.serve_forever()
 
 

@@ -7,9 +7,11 @@ the committer and the hub, so the path of an add never waits on another client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
+import resource
 import signal
 import time
 from collections.abc import Sequence
@@ -79,6 +81,7 @@ class TallyServer:
     # Lifecycle
 
     async def start(self) -> None:
+        _raise_fd_limit()
         self.committer.start()
         cfg = self.config
         try:
@@ -296,6 +299,15 @@ async def _until_drained(peer: Peer, ws: ServerConnection) -> None:
     await asyncio.wait([drained, closed], return_when=asyncio.FIRST_COMPLETED)
     drained.cancel()
     closed.cancel()
+
+
+def _raise_fd_limit() -> None:
+    # Each client is a file descriptor; the usual soft limit of 1024 is far below what one
+    # server process handles.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _select_subprotocol(

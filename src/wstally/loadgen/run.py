@@ -50,6 +50,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(it must accept --host and --port and print a server.started JSON line)",
     )
     p.add_argument(
+        "--server-cpus",
+        metavar="LIST",
+        help="pin spawned servers to these CPUs (taskset -c LIST), e.g. 0; run the generator "
+        "itself under taskset -c 1 for one core each",
+    )
+    p.add_argument(
         "--compare",
         choices=("naive",),
         help="run the same load against benchmarks/naive_server.py too (implies --spawn) "
@@ -118,12 +124,13 @@ class LoadTest:
         self.args = args
         self.console = console
         self.server: SpawnedServer | None = None
+        self.figures: dict[str, Any] = {}
 
     def run(self) -> int:
         args = self.args
         if args.spawn:
             command = shlex.split(args.server_cmd) if args.server_cmd else None
-            self.server = SpawnedServer(args.store, command)
+            self.server = SpawnedServer(args.store, command, args.server_cpus)
             host, port = self.server.host, self.server.port
             pid: int | None = self.server.proc.pid
         else:
@@ -351,17 +358,14 @@ class LoadTest:
 
         figures = self._figures(good, acked, sent, refused)
         self._print(figures, checks, passed)
+        self.figures = {
+            "pass": passed,
+            "checks": [{"ok": ok, "what": what} for ok, what in checks],
+            **figures,
+        }
         if args.json:
             with open(args.json, "w") as out:
-                json.dump(
-                    {
-                        "pass": passed,
-                        "checks": [{"ok": ok, "what": what} for ok, what in checks],
-                        **figures,
-                    },
-                    out,
-                    indent=2,
-                )
+                json.dump(self.figures, out, indent=2)
         return 0 if passed else 1
 
     def _figures(
@@ -468,7 +472,7 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
         )
         test = LoadTest(run_args, console)
         codes.append(test.run())
-        results[label] = getattr(test, "figures", {})
+        results[label] = test.figures
     table = Table(title="wstally / naive")
     for column in ("figure", "wstally", "naive", "ratio"):
         table.add_column(column, justify="right")

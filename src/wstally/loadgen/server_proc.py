@@ -24,12 +24,16 @@ def healthz(host: str, port: int, timeout: float = 5.0) -> dict[str, Any]:
 class SpawnedServer:
     """``wstally serve`` (or another server command) on a free loopback port."""
 
-    def __init__(self, store: str = "sqlite", command: list[str] | None = None) -> None:
+    def __init__(
+        self, store: str = "sqlite", command: list[str] | None = None, cpus: str | None = None
+    ) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="wstally-load-")
         if command is None:
             command = [sys.executable, "-m", "wstally", "serve", "--log-format", "json"]
             db = str(Path(self.tmp.name) / "load.db")
             command += ["--memory"] if store == "memory" else ["--db", db]
+        if cpus:
+            command = ["taskset", "-c", cpus, *command]
         self.log_path = Path(self.tmp.name) / "server.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
