@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from wstally import __version__, logsetup
 
@@ -91,8 +92,28 @@ def _parser() -> argparse.ArgumentParser:
         help="write buffer above which a client is skipped and later resynced "
         "[env WSTALLY_BUFFER_LIMIT; default %(default)s]",
     )
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default=_env("LOOP", "auto"),
+        help="event loop: uvloop when installed (auto), or force one "
+        "[env WSTALLY_LOOP; default %(default)s]",
+    )
     _add_logging(serve)
     return parser
+
+
+def _runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
+    """asyncio.run, or uvloop.run: uvloop cuts the per-message CPU cost noticeably."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("wstally: error: --loop uvloop: uvloop is not installed") from None
+        else:
+            return uvloop.run
+    return asyncio.run
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -108,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
         buffer_limit=args.buffer_limit,
     )
     try:
-        return asyncio.run(run(config))
+        return _runner(args.loop)(run(config))
     except (StoreError, StartupError) as exc:
         print(f"wstally serve: error: {exc}", file=sys.stderr)
         return 1

@@ -114,9 +114,13 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+# Built once: json.loads() with hooks would construct a new decoder for every frame.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+
+
 def _loads(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        return _DECODER.decode(text)
     except RecursionError:
         raise ProtocolError("bad_json", "invalid JSON: nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, int digit limits, our own hooks
