@@ -93,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
         "[env WSTALLY_BUFFER_LIMIT; default %(default)s]",
     )
     serve.add_argument(
+        "--flush-interval",
+        type=float,
+        default=float(_env("FLUSH_INTERVAL", "2")),
+        metavar="MS",
+        help="least time between two broadcast writes to a client; under load, updates "
+        "within it share one frame [env WSTALLY_FLUSH_INTERVAL; default %(default)s]",
+    )
+    serve.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
         default=_env("LOOP", "auto"),
@@ -127,6 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
         memory=args.memory,
         compression=args.compression,
         buffer_limit=args.buffer_limit,
+        flush_interval=args.flush_interval / 1000,
     )
     try:
         return _runner(args.loop)(run(config))

@@ -88,6 +88,7 @@ class Hub:
         total: int,
         buffer_limit: int = 256 * 1024,
         presence_interval: float = 0.1,
+        flush_interval: float = 0.002,
         resync_interval: float = 0.02,
         on_resync: Callable[[Peer], None] | None = None,
     ) -> None:
@@ -99,6 +100,12 @@ class Hub:
         self.buffer_limit = buffer_limit
         self.resume_below = buffer_limit // 4
         self.presence_interval = presence_interval
+        # At most one flush per interval. A lone update still leaves at once; under load,
+        # what arrives within the interval shares one write per client instead of one write
+        # per update per client: at 1,000 clients x 1,000 updates/s, the difference between a
+        # million syscalls a second and a few hundred thousand.
+        self.flush_interval = flush_interval
+        self._last_flush = 0.0
         self.resync_interval = resync_interval
         self.on_resync = on_resync
         self.peers: dict[Peer, None] = {}
@@ -155,20 +162,26 @@ class Hub:
 
     def _schedule(self) -> None:
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
+            wait = self._last_flush + self.flush_interval - loop.time()
+            if wait <= 0:
+                self._flush_handle = loop.call_soon(self.flush)
+            else:
+                self._flush_handle = loop.call_later(wait, self.flush)
 
     def _presence_changed(self) -> None:
-        self._presence_dirty = True
         # Coalesced over an interval, not a tick: a thousand clients connecting in a second
-        # must not cost a thousand frames to each of them.
+        # must not cost a thousand frames to each of them. The interval grows with the
+        # audience, since every presence frame is one write per client.
         if self._presence_handle is None:
             loop = asyncio.get_running_loop()
-            self._presence_handle = loop.call_later(self.presence_interval, self._presence_due)
+            interval = max(self.presence_interval, len(self.peers) * 2e-5)
+            self._presence_handle = loop.call_later(interval, self._presence_due)
 
     def _presence_due(self) -> None:
         self._presence_handle = None
-        if self._presence_dirty:
-            self.flush()
+        self._presence_dirty = True
+        self.flush()
 
     def flush(self, force: bool = False) -> None:
         """Write everything queued since the last flush; called once per tick.
@@ -177,6 +190,7 @@ class Hub:
         whatever their buffers hold: they are about to be closed and must not lose an ack.
         """
         self._flush_handle = None
+        self._last_flush = asyncio.get_running_loop().time()
         updates, self._pending = self._pending, []
         json_frame: bytes | None = None
         plain_frames: list[bytes] = []

@@ -44,6 +44,7 @@ class ServerConfig:
     memory: bool = False
     compression: bool = False
     buffer_limit: int = 256 * 1024
+    flush_interval: float = 0.002
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
     open_timeout: float | None = 10.0
@@ -70,6 +71,7 @@ class TallyServer:
             seq=state.seq,
             total=state.total,
             buffer_limit=config.buffer_limit,
+            flush_interval=config.flush_interval,
             on_resync=self._resynced,
         )
         self.committer = Committer(self.tally, self.store, self.hub)

@@ -23,6 +23,7 @@ from wstally.loadgen.wire import FrameClient, open_client
 __all__ = ["Plan", "Shared", "new_histogram", "run_worker"]
 
 _UPDATES = b'{"type":"updates","seq":'
+_PRESENCE = b'{"type":"presence"'
 
 # Latencies are recorded in microseconds, from 1 µs to 10 minutes, 3 significant digits.
 HIST_MAX_US = 600_000_000
@@ -79,7 +80,8 @@ class Watcher:
 
     def on_text(self, p: bytes) -> None:
         if not p.startswith(_UPDATES):
-            self._slow_path(json.loads(p))
+            if not p.startswith(_PRESENCE):
+                self._slow_path(json.loads(p))
             return
         # wstally's compact encoding puts both seqs at fixed places: no JSON parse needed.
         j = p.index(b",", 24)
@@ -174,7 +176,7 @@ class Sender:
             self.client.send_many(queue)
 
     def on_text(self, p: bytes) -> None:
-        if p.startswith(_UPDATES):
+        if p.startswith(_UPDATES) or p.startswith(_PRESENCE):
             return
         msg = json.loads(p)
         kind = msg.get("type")
