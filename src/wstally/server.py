@@ -44,7 +44,7 @@ class ServerConfig:
     memory: bool = False
     compression: bool = False
     buffer_limit: int = 256 * 1024
-    flush_interval: float = 0.002
+    flush_interval: float = 0.01
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
     open_timeout: float | None = 10.0
