@@ -236,14 +236,17 @@ def test_parse_plain_near_grammar_text(text: str) -> None:
         (add(delta=INT64_MAX, id="i" * MAX_ID), Add(INT64_MAX, "i" * MAX_ID)),
         (add(delta=INT64_MIN), Add(INT64_MIN)),
         # Ids are opaque: they are echoed inside JSON, so any characters are acceptable.
-        (add(delta=1, id="\x1b[2J"), Add(1, "\x1b[2J")),
+        (add(delta=1, id="r-\u00e9"), Add(1, "r-\u00e9")),
     ],
 )
 def test_parse_json_valid(text: str, expected: Hello | Add) -> None:
     assert parse_json(text) == expected
 
 
-@given(delta=int64s, req_id=st.none() | st.text(min_size=1, max_size=MAX_ID))
+@given(
+    delta=int64s,
+    req_id=st.none() | st.text(min_size=1, max_size=MAX_ID).filter(str.isprintable),
+)
 @FAST
 def test_parse_json_add_round_trip(delta: int, req_id: str | None) -> None:
     msg: dict[str, Any] = {"type": "add", "delta": delta}
@@ -486,7 +489,9 @@ def test_parse_json_message_like_values(value: dict[str, Any]) -> None:
     # The add's id is carried on a bad delta whenever the id itself was valid.
     if value["type"] == "add":
         req_id = value.get("id")
-        id_ok = req_id is None or (isinstance(req_id, str) and 0 < len(req_id) <= MAX_ID)
+        id_ok = req_id is None or (
+            isinstance(req_id, str) and 0 < len(req_id) <= MAX_ID and req_id.isprintable()
+        )
         try:
             parse_json(json.dumps(value))
         except ProtocolError as error:
@@ -652,3 +657,11 @@ def test_escape_text_properties(text: str, limit: int) -> None:
     assert out.endswith("…") == (len(text) > limit) or text[:limit].endswith("…")
     if text.isprintable():
         assert out == text[:limit] + ("…" if len(text) > limit else "")
+
+
+@pytest.mark.parametrize("req_id", ["\x1b[2J", "\ud800", "a\nb"])
+def test_unprintable_ids_are_refused(req_id: str) -> None:
+    # A lone surrogate would reach the store and fail the whole batch's commit.
+    with pytest.raises(ProtocolError) as refused:
+        parse_json(json.dumps({"type": "add", "delta": 1, "id": req_id}))
+    assert refused.value.code == "bad_id"

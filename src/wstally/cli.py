@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--flush-interval",
         type=float,
-        default=float(_env("FLUSH_INTERVAL", "10")),
+        default=float(_env("FLUSH_INTERVAL", "2")),
         metavar="MS",
         help="least time between two broadcast writes to a client; under load, updates "
         "within it share one frame [env WSTALLY_FLUSH_INTERVAL; default %(default)s]",

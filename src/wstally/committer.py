@@ -75,29 +75,36 @@ class Committer:
         await self._idle.wait()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            batch, self._updates = self._updates, []
-            waiters, self._waiters = self._waiters, []
-            if batch:
-                started = time.perf_counter()
-                try:
-                    if self._executor is not None:
-                        await loop.run_in_executor(self._executor, self.store.commit, batch)
-                    else:
-                        self.store.commit(batch)
-                except Exception as exc:
-                    self._failed(batch, waiters, exc)
-                    continue
-                self._account(len(batch), time.perf_counter() - started)
-                last = batch[-1]
-                self.tally.commit(last.seq, last.total)
-                self.hub.publish(batch)
-            self._answer(waiters)
-            if not self._updates and not self._waiters:
-                self._idle.set()
+            try:
+                await self._round()
+            except Exception:
+                # Never let one bad round stop every future ack: log it and go on.
+                log.critical("committer.error", exc_info=True)
+
+    async def _round(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch, self._updates = self._updates, []
+        waiters, self._waiters = self._waiters, []
+        if batch:
+            started = time.perf_counter()
+            try:
+                if self._executor is not None:
+                    await loop.run_in_executor(self._executor, self.store.commit, batch)
+                else:
+                    self.store.commit(batch)
+            except Exception as exc:
+                self._failed(batch, waiters, exc)
+                return
+            self._account(len(batch), time.perf_counter() - started)
+            last = batch[-1]
+            self.tally.commit(last.seq, last.total)
+            self.hub.publish(batch)
+        self._answer(waiters)
+        if not self._updates and not self._waiters:
+            self._idle.set()
 
     def _account(self, size: int, seconds: float) -> None:
         self.commits += 1
@@ -136,7 +143,11 @@ class Committer:
         answered: set[int] = set()
         for peer, item in waiters:
             answered.add(id(item))
-            self._refuse(peer, item.req_id)
+            if isinstance(item, Duplicate) and item.seq <= self.tally.committed_seq:
+                # Its original is stored: that answer stands.
+                self.hub.send(peer, protocol.encode_ack(item.req_id, item.seq, item.total, True))
+            else:
+                self._refuse(peer, item.req_id)
         by_conn = {peer.id: peer for peer in self.hub.peers}
         for update in batch + later:
             if id(update) not in answered and update.conn in by_conn:

@@ -88,7 +88,7 @@ class Hub:
         total: int,
         buffer_limit: int = 256 * 1024,
         presence_interval: float = 0.1,
-        flush_interval: float = 0.01,
+        flush_interval: float = 0.002,
         resync_interval: float = 0.02,
         on_resync: Callable[[Peer], None] | None = None,
     ) -> None:
@@ -106,6 +106,7 @@ class Hub:
         # clients x 1,000 updates/s a write per update would take the whole core.
         self.flush_interval = flush_interval
         self._last_flush = 0.0
+        self._flush_cost = 0.0  # how long the last broadcast took
         self.resync_interval = resync_interval
         self.on_resync = on_resync
         self.peers: dict[Peer, None] = {}
@@ -177,7 +178,10 @@ class Hub:
     def _schedule(self) -> None:
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
-            wait = self._last_flush + self.flush_interval - loop.time()
+            # Spend at most about a third of the loop's time broadcasting: a flush to many
+            # clients costs milliseconds, and what waits meanwhile shares the next one.
+            interval = max(self.flush_interval, 2 * self._flush_cost)
+            wait = self._last_flush + interval - loop.time()
             if wait <= 0:
                 self._flush_handle = loop.call_soon(self.flush)
             else:
@@ -204,7 +208,7 @@ class Hub:
         whatever their buffers hold: they are about to be closed and must not lose an ack.
         """
         self._flush_handle = None
-        self._last_flush = asyncio.get_running_loop().time()
+        started = self._last_flush = asyncio.get_running_loop().time()
         updates, self._pending = self._pending, []
         json_frame: bytes | None = None
         plain_frames: list[bytes] = []
@@ -246,9 +250,10 @@ class Hub:
                 peer.clients_seen = clients
                 shared = shared_json
             if own or shared:
-                self._write(peer, own, shared)
+                self._write(peer, own, shared, force=force)
         if updates:
             self.deliveries += len(updates) * len(self.peers)
+            self._flush_cost = asyncio.get_running_loop().time() - started
 
     def _write(
         self, peer: Peer, own: list[bytes], shared: list[bytes], force: bool = False

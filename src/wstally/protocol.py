@@ -146,8 +146,13 @@ def parse_json(text: str) -> Hello | Add:
 
 def _parse_add(obj: dict[str, Any]) -> Add:
     req_id = obj.get("id")
-    if req_id is not None and (not isinstance(req_id, str) or not 0 < len(req_id) <= MAX_ID):
-        raise ProtocolError("bad_id", f"'id' must be a non-empty string of at most {MAX_ID} chars")
+    # Printable also rules out lone surrogates, which the store could not encode.
+    if req_id is not None and (
+        not isinstance(req_id, str) or not 0 < len(req_id) <= MAX_ID or not req_id.isprintable()
+    ):
+        raise ProtocolError(
+            "bad_id", f"'id' must be a non-empty printable string of at most {MAX_ID} chars"
+        )
     if "delta" not in obj:
         raise ProtocolError("bad_delta", "an add needs an integer field 'delta'", req_id)
     delta = obj["delta"]

@@ -44,10 +44,11 @@ class ServerConfig:
     memory: bool = False
     compression: bool = False
     buffer_limit: int = 256 * 1024
-    flush_interval: float = 0.01
+    flush_interval: float = 0.002
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
     open_timeout: float | None = 10.0
+    close_timeout: float | None = 10.0
 
     def open_store(self) -> Store:
         return MemoryStore() if self.memory else SQLiteStore(self.db)
@@ -99,6 +100,7 @@ class TallyServer:
                 ping_interval=cfg.ping_interval,
                 ping_timeout=cfg.ping_timeout,
                 open_timeout=cfg.open_timeout,
+                close_timeout=cfg.close_timeout,
                 server_header=f"wstally/{__version__}",
             )
         except OSError as exc:
@@ -146,7 +148,15 @@ class TallyServer:
         for peer in list(self.hub.peers):
             peer.drained.set()
         self._server.close(close_connections=True)
-        await self._server.wait_closed()
+        try:
+            # A client that stopped reading never lets its close handshake through:
+            # give everyone close_timeout, then drop whoever is left.
+            async with asyncio.timeout((self.config.close_timeout or 10.0) + 1):
+                await asyncio.shield(self._server.wait_closed())
+        except TimeoutError:
+            for peer in list(self.hub.peers):
+                peer.ws.transport.abort()
+            await self._server.wait_closed()
         self.hub.close()
         self.committer.close()
         self.store.close()
