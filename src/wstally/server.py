@@ -102,6 +102,8 @@ class TallyServer:
                 open_timeout=cfg.open_timeout,
                 close_timeout=cfg.close_timeout,
                 server_header=f"wstally/{__version__}",
+                # asyncio's default backlog of 100 drops SYNs when thousands connect at once.
+                backlog=4096,
             )
         except OSError as exc:
             self.committer.close()
