@@ -95,3 +95,42 @@ def test_refuses_a_non_loopback_target(tmp_path: Path) -> None:
     code, _, output = loadtest(tmp_path, "--url", "ws://192.0.2.1:8765/", "--duration", "1")
     assert code == 2
     assert "not a loopback address" in output
+
+
+def test_find_capacity_steps_until_the_limit(tmp_path: Path) -> None:
+    out = tmp_path / "capacity.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quiet",
+            "--spawn",
+            "--store",
+            "memory",
+            "--find-capacity",
+            "--step",
+            "10",
+            "--max-watchers",
+            "30",
+            "--p99-limit",
+            "5000",
+            "--senders",
+            "2",
+            "--rate",
+            "50",
+            "--duration",
+            "0.5",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=within(120),
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    # A generous limit holds at every step: the search stops at --max-watchers.
+    assert [s["watchers"] for s in report["steps"]] == [10, 20, 30]
+    assert report["capacity"] == 30
+    assert "largest audience that held" in result.stdout

@@ -61,6 +61,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run the same load against benchmarks/naive_server.py too (implies --spawn) "
         "and print the ratios",
     )
+    p.add_argument(
+        "--find-capacity",
+        action="store_true",
+        help="add watchers in steps until p99 fan-out latency passes --p99-limit; report the "
+        "largest count that held",
+    )
+    p.add_argument(
+        "--p99-limit",
+        type=float,
+        default=50.0,
+        metavar="MS",
+        help="fan-out p99 limit for --find-capacity (default 50 ms)",
+    )
+    p.add_argument(
+        "--step",
+        type=int,
+        default=500,
+        help="watchers added per --find-capacity step (default 500)",
+    )
+    p.add_argument(
+        "--max-watchers", type=int, default=15000, help="stop --find-capacity here (default 15000)"
+    )
     p.add_argument("--watchers", type=int, default=100, help="receive-only JSON connections")
     p.add_argument("--senders", type=int, default=10, help="connections sending adds")
     p.add_argument("--window", type=int, default=50, help="adds in flight per sender")
@@ -381,6 +403,9 @@ class LoadTest:
             "connections": sum(r["connected"] for r in good),
             "connect_failed": sum(r["connect_failed"] for r in good),
             "connect_seconds": round(self.connect_wall, 3),
+            "handshakes_per_s": round(
+                sum(r["connected"] for r in good) / max(self.connect_wall, 1e-9), 1
+            ),
             "connect_ms": _percentiles(_merge([r["connect_hist"] for r in good])),
             "sent": sent,
             "acked": acked,
@@ -419,6 +444,7 @@ class LoadTest:
             "connections",
             f"{f['connections']:,} ({f['connect_failed']} failed) in {f['connect_seconds']} s",
         )
+        table.add_row("handshakes/s", f"{f['handshakes_per_s']:,.0f}")
         table.add_row("connect p50 / p99", _ms(f["connect_ms"], "p50", "p99"))
         table.add_row(
             "adds sent / acked / refused",
@@ -496,11 +522,60 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     return codes[0]
 
 
+def _find_capacity(args: argparse.Namespace, console: Console) -> int:
+    """websocket-bench style: grow the audience until fan-out p99 passes the limit."""
+    steps: list[dict[str, Any]] = []
+    held = 0
+    watchers = args.watchers if args.watchers != 100 else args.step
+    while watchers <= args.max_watchers:
+        console.rule(f"{watchers:,} watchers")
+        run_args = argparse.Namespace(**{**vars(args), "watchers": watchers, "json": None})
+        test = LoadTest(run_args, console)
+        code = test.run()
+        p99 = test.figures.get("fanout_ms", {}).get("p99")
+        ok = code == 0 and p99 is not None and p99 <= args.p99_limit
+        steps.append(
+            {
+                "watchers": watchers,
+                "pass": code == 0,
+                "fanout_p99_ms": p99,
+                "deliveries_per_s": test.figures.get("deliveries_per_s"),
+                "held": ok,
+            }
+        )
+        if not ok:
+            break
+        held = watchers
+        watchers += args.step
+    table = Table(title=f"capacity at fan-out p99 <= {args.p99_limit:g} ms")
+    for column in ("watchers", "verdict", "fan-out p99 ms", "deliveries/s", "held"):
+        table.add_column(column, justify="right")
+    for step in steps:
+        p99 = step["fanout_p99_ms"]
+        table.add_row(
+            f"{step['watchers']:,}",
+            "PASS" if step["pass"] else "FAIL",
+            "-" if p99 is None else f"{p99:.1f}",
+            f"{step['deliveries_per_s'] or 0:,.0f}",
+            "yes" if step["held"] else "no",
+        )
+    console.print(table)
+    console.print(f"largest audience that held: [bold]{held:,}[/] watchers")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(
+                {"p99_limit_ms": args.p99_limit, "capacity": held, "steps": steps}, out, indent=2
+            )
+    return 0 if held else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=False)
     if args.compare:
         return _compare(args, console)
+    if args.find_capacity:
+        return _find_capacity(args, console)
     return LoadTest(args, console).run()
 
 
