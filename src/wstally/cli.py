@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from wstally import __version__, logsetup
+from wstally.client import commands as client_commands
 
 __all__ = ["main"]
 
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         "[env WSTALLY_LOOP; default %(default)s]",
     )
     _add_logging(serve)
+    client_commands.add_parsers(commands)
     return parser
 
 
@@ -149,10 +151,16 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        logsetup.configure(args.log_format, args.log_level, args.log_file)
+        logsetup.configure(
+            getattr(args, "log_format", "auto"),
+            getattr(args, "log_level", "warning"),
+            getattr(args, "log_file", None),
+        )
     except OSError as exc:
         print(f"wstally: error: cannot open log file: {exc}", file=sys.stderr)
         return 1
     if args.command == "serve":
         return _serve(args)
+    if args.command in ("client", "watch"):
+        return client_commands.run(args)
     raise AssertionError(f"unhandled command {args.command}")

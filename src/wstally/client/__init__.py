@@ -1,0 +1,1 @@
+"""Terminal clients: ``wstally client`` (interactive or piped) and ``wstally watch``."""

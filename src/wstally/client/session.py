@@ -1,0 +1,324 @@
+"""A reconnecting ``wstally.v1`` session, free of any user interface.
+
+It owns the outbox of adds not yet acknowledged: they are resent with the same ids after
+every reconnect, with the same hello client id, so the server's deduplication makes each
+add count exactly once however often the connection drops. What happens is reported to the
+UI as events; the UI never touches the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from wstally.protocol import SUBPROTOCOL, escape_text
+
+__all__ = [
+    "Acked",
+    "Event",
+    "Item",
+    "Presence",
+    "Refused",
+    "Session",
+    "Snapshot",
+    "State",
+    "Updates",
+    "safe",
+]
+
+
+def safe(text: object, limit: int = 64) -> str:
+    """Text from the network, with control characters escaped: no peer can drive our
+    terminal (clear it, move the cursor, retitle it) through a name or a message."""
+    return escape_text(str(text), limit)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    seq: int
+    delta: int
+    total: int
+    by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    epoch: str
+    seq: int
+    total: int
+    clients: int
+    # Set on a reconnect (or resync) in the same history: the seqs we never saw.
+    missed: tuple[int, int] | None = None
+    new_history: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Updates:
+    items: tuple[Item, ...]
+    own: frozenset[int]  # seqs among the items that are this session's adds
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    req_id: str
+    delta: int
+    seq: int
+    total: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    code: str
+    message: str
+    req_id: str | None
+    delta: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    clients: int
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    state: str  # "connecting", "connected", "reconnecting", "closed"
+    retry_in: float | None = None
+    error: str | None = None
+
+
+Event = Snapshot | Updates | Acked | Refused | Presence | State
+
+# Refusals that say "not now" rather than "never": keep the add and resend it.
+TRANSIENT = frozenset({"shutting_down", "store_failed"})
+
+
+class Session:
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        client_id: str | None = None,
+        on_event: Callable[[Event], None] = lambda event: None,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        open_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.name = _printable_name(name) if name else None
+        self.client_id = client_id or secrets.token_hex(8)
+        self.on_event = on_event
+        self.backoff = backoff
+        self.open_timeout = open_timeout
+        self.outbox: OrderedDict[str, int] = OrderedDict()
+        self.own_seqs: set[int] = set()
+        self.state = "connecting"
+        self.epoch: str | None = None
+        self.seq = 0
+        self.total = 0
+        self.clients = 0
+        self.acked = 0
+        self.refused = 0
+        self.connected_once = asyncio.Event()
+        self._next_id = 0
+        self._ws: ClientConnection | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    # Used by the UI
+
+    def add(self, delta: int) -> str:
+        """Queue an add; it is sent now if connected, or as soon as we are."""
+        self._next_id += 1
+        req_id = str(self._next_id)
+        self.outbox[req_id] = delta
+        self._settled.clear()
+        self._wake.set()
+        return req_id
+
+    async def settled(self) -> None:
+        """Wait until every add so far has been acknowledged or refused."""
+        await self._settled.wait()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._ws is not None:
+            asyncio.ensure_future(self._ws.close())
+
+    # The connection loop
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect with backoff until close() is called."""
+        attempt = 0
+        while not self._closing:
+            self._emit(State("connecting" if attempt == 0 else "reconnecting"))
+            error: str | None = None
+            try:
+                async with asyncio.timeout(self.open_timeout):
+                    ws = await connect(self.url, subprotocols=[SUBPROTOCOL], open_timeout=None)
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                error = _describe(exc)
+            except InvalidURI as exc:
+                self._emit(State("closed", error=str(exc)))
+                raise
+            else:
+                attempt = 0
+                try:
+                    await self._serve(ws)
+                except ConnectionClosed as exc:
+                    error = _describe(exc)
+                finally:
+                    self._ws = None
+                    await ws.close()
+            if self._closing:
+                break
+            attempt += 1
+            low, high = self.backoff
+            # Exponential backoff with full jitter: a restarted server is not stampeded.
+            delay = random.uniform(low, min(high, low * 2**attempt))
+            self._emit(State("reconnecting", retry_in=delay, error=error))
+            await self._sleep(delay)
+        self._emit(State("closed"))
+
+    async def _sleep(self, delay: float) -> None:
+        self._wake.clear()
+        try:
+            async with asyncio.timeout(delay):
+                while not self._closing:
+                    await self._wake.wait()
+                    self._wake.clear()
+        except TimeoutError:
+            pass
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        first = json.loads(await ws.recv())
+        if first.get("type") != "snapshot":
+            raise ConnectionClosed(None, None)
+        hello: dict[str, Any] = {"type": "hello", "client": self.client_id}
+        if self.name:
+            hello["name"] = self.name
+        await ws.send(json.dumps(hello))
+        self._ws = ws
+        self._on_snapshot(first)
+        self.state = "connected"
+        self._emit(State("connected"))
+        self.connected_once.set()
+        # Receive and send as two tasks owned here: either ending ends the other, and
+        # neither outlives this connection.
+        tasks = [
+            asyncio.ensure_future(self._receive(ws)),
+            asyncio.ensure_future(self._send(ws)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+
+    async def _send(self, ws: ClientConnection) -> None:
+        # Everything unacked goes out again, in order, with its original id.
+        sent: set[str] = set()
+        while not self._closing:
+            batch = [(i, d) for i, d in self.outbox.items() if i not in sent]
+            for req_id, delta in batch:
+                sent.add(req_id)
+                await ws.send(json.dumps({"type": "add", "delta": delta, "id": req_id}))
+            self._wake.clear()
+            if not any(i not in sent for i in self.outbox):
+                await self._wake.wait()
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        async for raw in ws:
+            if isinstance(raw, bytes):
+                continue
+            msg = json.loads(raw)
+            handler = getattr(self, "_on_" + str(msg.get("type")), None)
+            if handler is not None:
+                handler(msg)
+
+    # Server messages
+
+    def _on_snapshot(self, msg: dict[str, Any]) -> None:
+        missed = None
+        new_history = self.epoch is not None and msg["epoch"] != self.epoch
+        if self.epoch is not None and not new_history and msg["seq"] > self.seq:
+            missed = (self.seq + 1, int(msg["seq"]))
+        self.epoch = str(msg["epoch"])
+        self.seq, self.total, self.clients = int(msg["seq"]), int(msg["total"]), msg["clients"]
+        self._emit(Snapshot(self.epoch, self.seq, self.total, self.clients, missed, new_history))
+
+    def _on_updates(self, msg: dict[str, Any]) -> None:
+        items = tuple(
+            Item(int(i["seq"]), int(i["delta"]), int(i["total"]), i.get("by"))
+            for i in msg["items"]
+            if int(i["seq"]) > self.seq
+        )
+        if not items:
+            return
+        self.seq, self.total = items[-1].seq, items[-1].total
+        own = frozenset(i.seq for i in items if i.seq in self.own_seqs)
+        self._emit(Updates(items, own))
+
+    def _on_ack(self, msg: dict[str, Any]) -> None:
+        req_id = str(msg.get("id"))
+        delta = self.outbox.pop(req_id, None)
+        if delta is None:
+            return  # an answer to a resend we already had
+        self.acked += 1
+        self.own_seqs.add(int(msg["seq"]))
+        self._emit(Acked(req_id, delta, int(msg["seq"]), int(msg["total"]), bool(msg.get("duplicate"))))
+        self._check_settled()
+
+    def _on_error(self, msg: dict[str, Any]) -> None:
+        code = str(msg.get("code"))
+        req_id = msg.get("id")
+        delta = None
+        if isinstance(req_id, str) and code not in TRANSIENT:
+            delta = self.outbox.pop(req_id, None)
+            self.refused += 1
+        self._emit(Refused(code, str(msg.get("message")), req_id, delta))
+        self._check_settled()
+
+    def _on_presence(self, msg: dict[str, Any]) -> None:
+        self.clients = int(msg["clients"])
+        self._emit(Presence(self.clients))
+
+    def _check_settled(self) -> None:
+        if not self.outbox:
+            self._settled.set()
+
+    def _emit(self, event: Event) -> None:
+        if isinstance(event, State):
+            self.state = event.state
+        self.on_event(event)
+
+
+def _printable_name(name: str) -> str:
+    # The server refuses names it could not show safely; escape ours so it is accepted.
+    return escape_text(name, 32)[:32]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionClosed):
+        rcvd = exc.rcvd
+        return f"connection closed ({rcvd.code} {rcvd.reason})".strip() if rcvd else "connection lost"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,109 @@
+"""``wstally watch``: a read-only live view, or one line per update when piped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import deque
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from wstally.client.session import Event, Item, Session, Snapshot, State, Updates, safe
+
+__all__ = ["run_watch"]
+
+
+class WatchView:
+    """The state behind the live display: totals, a rate window and recent updates."""
+
+    def __init__(self, session: Session, keep: int = 10) -> None:
+        self.session = session
+        self.recent: deque[Item] = deque(maxlen=keep)
+        self.arrivals: deque[tuple[float, int]] = deque()
+        self.note = ""
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, Updates):
+            self.recent.extend(event.items)
+            self.arrivals.append((time.monotonic(), len(event.items)))
+        elif isinstance(event, Snapshot) and event.missed is not None:
+            self.note = f"missed #{event.missed[0]}–#{event.missed[1]} while away"
+        elif isinstance(event, State) and event.error:
+            self.note = safe(event.error, 120)
+
+    def rate(self, window: float = 5.0) -> float:
+        now = time.monotonic()
+        while self.arrivals and self.arrivals[0][0] < now - window:
+            self.arrivals.popleft()
+        return sum(n for _, n in self.arrivals) / window
+
+    def render(self) -> Panel:
+        s = self.session
+        big = Text(f"{s.total:,}", style="bold green", justify="center")
+        stats = Text(
+            f"seq {s.seq}  ·  {s.clients} client{'s' * (s.clients != 1)}  ·  "
+            f"{self.rate():.1f} updates/s  ·  {s.state}",
+            justify="center",
+        )
+        table = Table(expand=True, show_edge=False, box=None)
+        for column in ("seq", "delta", "total", "by"):
+            table.add_column(column, justify="right" if column != "by" else "left")
+        for item in reversed(self.recent):
+            table.add_row(
+                str(item.seq), f"{item.delta:+d}", f"{item.total:,}", safe(item.by or "anonymous")
+            )
+        parts: list[Text | Table] = [big, stats, table]
+        if self.note:
+            parts.append(Text(self.note, style="yellow"))
+        return Panel(Group(*parts), title=f"wstally · {safe(s.url, 80)}")
+
+
+async def run_watch(url: str, as_json: bool, exit_after: int | None, tty: bool) -> int:
+    seen = [0]
+    done = asyncio.Event()
+    view: WatchView
+
+    def on_event(event: Event) -> None:
+        if tty:
+            view.on_event(event)
+        elif isinstance(event, Updates):
+            for item in event.items:
+                _print_line(item, as_json)
+        if isinstance(event, Updates):
+            seen[0] += len(event.items)
+            if exit_after is not None and seen[0] >= exit_after:
+                done.set()
+
+    session = Session(url, on_event=on_event)
+    view = WatchView(session)
+    runner = asyncio.ensure_future(session.run())
+    finished = asyncio.ensure_future(done.wait())
+    live = Live(view.render(), console=Console(), refresh_per_second=8) if tty else None
+    try:
+        if live is not None:
+            with live:
+                while not finished.done() and not runner.done():
+                    live.update(view.render())
+                    await asyncio.wait([runner, finished], timeout=0.125)
+        else:
+            await asyncio.wait([runner, finished], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        session.close()
+        finished.cancel()
+        await asyncio.gather(runner, finished, return_exceptions=True)
+    return 0
+
+
+def _print_line(item: Item, as_json: bool) -> None:
+    if as_json:
+        line = json.dumps({"seq": item.seq, "delta": item.delta, "total": item.total, "by": item.by})
+    else:
+        line = f"seq={item.seq} delta={item.delta:+d} total={item.total} by={safe(item.by or '-')}"
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
