@@ -26,7 +26,7 @@ def _read_lines(stream: TextIO, queue: asyncio.Queue[str | None]) -> None:
     threading.Thread(target=pump, name="stdin", daemon=True).start()
 
 
-async def run_piped(url: str, name: str | None, timeout: float, stream: TextIO) -> int:
+async def run_piped(url: str, name: str | None, give_up_after: float, stream: TextIO) -> int:
     last_ack: list[Acked] = []
     refusals: list[Refused] = []
     down_since: list[float | None] = [None]
@@ -51,7 +51,7 @@ async def run_piped(url: str, name: str | None, timeout: float, stream: TextIO) 
     session = Session(url, name=name, on_event=on_event)
     runner = asyncio.ensure_future(session.run())
     try:
-        return await _feed(session, stream, timeout, down_since, last_ack, refusals)
+        return await _feed(session, stream, give_up_after, down_since, last_ack, refusals)
     finally:
         session.close()
         await asyncio.gather(runner, return_exceptions=True)
@@ -60,7 +60,7 @@ async def run_piped(url: str, name: str | None, timeout: float, stream: TextIO) 
 async def _feed(
     session: Session,
     stream: TextIO,
-    timeout: float,
+    give_up_after: float,
     down_since: list[float | None],
     last_ack: list[Acked],
     refusals: list[Refused],
@@ -90,10 +90,10 @@ async def _feed(
             break
         except TimeoutError:
             since = down_since[0]
-            if since is not None and time.monotonic() - since > timeout:
+            if since is not None and time.monotonic() - since > give_up_after:
                 print(
                     f"wstally client: cannot reach {safe(session.url, 200)} "
-                    f"(for {timeout:g}s); {len(session.outbox)} add(s) unacknowledged",
+                    f"(for {give_up_after:g}s); {len(session.outbox)} add(s) unacknowledged",
                     file=sys.stderr,
                 )
                 return 2

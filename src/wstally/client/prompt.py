@@ -76,7 +76,9 @@ class PromptView:
             self.say(("class:ok", f"✓ {event.delta:+d} acked as #{event.seq}{note}"))
         elif isinstance(event, Refused):
             what = f"{event.delta:+d} " if event.delta is not None else ""
-            self.say(("class:error", f"! {what}refused ({safe(event.code)}): {safe(event.message, 200)}"))
+            self.say(
+                ("class:error", f"! {what}refused ({safe(event.code)}): {safe(event.message, 200)}")
+            )
         elif isinstance(event, Snapshot):
             self._snapshot(event)
         elif isinstance(event, State):
@@ -91,8 +93,11 @@ class PromptView:
             first, last = event.missed
             count = last - first + 1
             self.say(
-                ("class:warn", f"! missed {count} update{'s' * (count != 1)} while away "
-                 f"(#{first}–#{last}); total is now {event.total:,}")
+                (
+                    "class:warn",
+                    f"! missed {count} update{'s' * (count != 1)} while away "
+                    f"(#{first} to #{last}); total is now {event.total:,}",
+                )
             )
 
     def _state(self, event: State) -> None:

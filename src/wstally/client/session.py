@@ -133,6 +133,7 @@ class Session:
         self._ws: ClientConnection | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self._closer: asyncio.Future[None] | None = None
         self._settled = asyncio.Event()
         self._settled.set()
 
@@ -155,7 +156,7 @@ class Session:
         self._closing = True
         self._wake.set()
         if self._ws is not None:
-            asyncio.ensure_future(self._ws.close())
+            self._closer = asyncio.ensure_future(self._ws.close())
 
     # The connection loop
 
@@ -283,7 +284,9 @@ class Session:
             return  # an answer to a resend we already had
         self.acked += 1
         self.own_seqs.add(int(msg["seq"]))
-        self._emit(Acked(req_id, delta, int(msg["seq"]), int(msg["total"]), bool(msg.get("duplicate"))))
+        self._emit(
+            Acked(req_id, delta, int(msg["seq"]), int(msg["total"]), bool(msg.get("duplicate")))
+        )
         self._check_settled()
 
     def _on_error(self, msg: dict[str, Any]) -> None:
@@ -318,7 +321,9 @@ def _printable_name(name: str) -> str:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionClosed):
         rcvd = exc.rcvd
-        return f"connection closed ({rcvd.code} {rcvd.reason})".strip() if rcvd else "connection lost"
+        return (
+            f"connection closed ({rcvd.code} {rcvd.reason})".strip() if rcvd else "connection lost"
+        )
     if isinstance(exc, TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__

@@ -33,7 +33,7 @@ class WatchView:
             self.recent.extend(event.items)
             self.arrivals.append((time.monotonic(), len(event.items)))
         elif isinstance(event, Snapshot) and event.missed is not None:
-            self.note = f"missed #{event.missed[0]}–#{event.missed[1]} while away"
+            self.note = f"missed #{event.missed[0]} to #{event.missed[1]} while away"
         elif isinstance(event, State) and event.error:
             self.note = safe(event.error, 120)
 
@@ -102,7 +102,9 @@ async def run_watch(url: str, as_json: bool, exit_after: int | None, tty: bool) 
 
 def _print_line(item: Item, as_json: bool) -> None:
     if as_json:
-        line = json.dumps({"seq": item.seq, "delta": item.delta, "total": item.total, "by": item.by})
+        line = json.dumps(
+            {"seq": item.seq, "delta": item.delta, "total": item.total, "by": item.by}
+        )
     else:
         line = f"seq={item.seq} delta={item.delta:+d} total={item.total} by={safe(item.by or '-')}"
     sys.stdout.write(line + "\n")

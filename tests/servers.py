@@ -1,0 +1,79 @@
+"""``wstally serve`` as a subprocess, for tests that need a real server process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from helpers import within
+
+__all__ = ["ServeProcess"]
+
+
+class ServeProcess:
+    """``wstally serve`` in a subprocess, with its JSON log lines collected as dicts."""
+
+    def __init__(self, cwd: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wstally", "serve", "--log-format", "json", *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.events: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._started = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.raw.append(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self.events.append(event)
+            if event.get("event") == "server.started":
+                self._started.set()
+        self._started.set()
+
+    @property
+    def port(self) -> int:
+        assert self._started.wait(within(15)), "server did not start"
+        started = [e for e in self.events if e.get("event") == "server.started"]
+        assert started, "".join(self.raw)
+        return int(started[0]["port"])
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def health(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as r:
+            body: dict[str, Any] = json.load(r)
+            return body
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait()
+
+    def wait(self) -> int:
+        code = self.proc.wait(timeout=within(20))
+        self._reader.join(timeout=within(5))
+        return code
+
+    def event(self, name: str) -> dict[str, Any]:
+        found = [e for e in self.events if e.get("event") == name]
+        assert found, f"no {name} in {self.raw}"
+        return found[-1]

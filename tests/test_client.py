@@ -1,0 +1,242 @@
+"""``wstally client`` and ``wstally watch`` as people use them: real terminals, real pipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pexpect
+import pytest
+
+from helpers import within
+from servers import ServeProcess
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    procs: list[ServeProcess] = []
+
+    def start(*args: str) -> ServeProcess:
+        proc = ServeProcess(tmp_path, *args)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+        for pipe in (proc.proc.stdout, proc.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def terminals() -> Iterator[list[pexpect.spawn]]:
+    spawned: list[pexpect.spawn] = []
+    yield spawned
+    for term in spawned:
+        term.close(force=True)
+
+
+def terminal(terminals: list[pexpect.spawn], *args: str) -> pexpect.spawn:
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
+    term = pexpect.spawn(
+        sys.executable,
+        ["-m", "wstally", *args],
+        env=env,
+        dimensions=(30, 100),
+        timeout=within(10),
+        encoding="utf-8",
+        codec_errors="replace",
+    )
+    terminals.append(term)
+    return term
+
+
+# Styling puts escape sequences between the words of a line: match through them.
+_GAP = r"(?:\x1b\[[0-9;?]*[A-Za-z]|[ ])*"
+
+
+def line(*words: str) -> str:
+    return _GAP.join(re.escape(word) for word in words)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_two_interactive_clients_and_a_watcher(serve: Any, terminals: list[pexpect.spawn]) -> None:
+    server = serve("--memory", "--port", "0")
+    url = server.url
+    watcher = terminal(terminals, "watch", url)
+    ann = terminal(terminals, "client", url, "--name", "ann")
+    bob = terminal(terminals, "client", url, "--name", "bob")
+    for term in (ann, bob):
+        term.expect("connected to")
+    ann.sendline("5")
+    ann.expect("acked as #1")
+    bob.expect(line("+5", "→", "5", "ann"))
+    watcher.expect("ann")
+    # Ann starts typing; Bob's update arrives meanwhile; Ann's half-typed line survives.
+    ann.send("1")
+    bob.sendline("-3")
+    ann.expect(line("-3", "→", "2", "bob"))
+    ann.send("2\r")
+    ann.expect(r"acked as #3")
+    bob.expect(line("+12", "→", "14", "ann"))
+    watcher.expect("14")
+    # A bad entry is refused locally and never sent.
+    bob.sendline("1e3")
+    bob.expect("not sent: not an integer")
+    assert server.health()["total"] == 14
+    # Ctrl-D leaves cleanly.
+    for term in (ann, bob):
+        term.sendcontrol("d")
+        term.expect(pexpect.EOF)
+        term.close()
+        assert term.exitstatus == 0, term.before
+    watcher.sendcontrol("c")
+    watcher.expect(pexpect.EOF)
+    watcher.close()
+    assert "Traceback" not in (watcher.before or "")
+
+
+def test_ctrl_c_leaves_without_a_traceback(serve: Any, terminals: list[pexpect.spawn]) -> None:
+    server = serve("--memory", "--port", "0")
+    term = terminal(terminals, "client", server.url)
+    term.expect("connected to")
+    term.sendcontrol("c")
+    term.expect(pexpect.EOF)
+    term.close()
+    assert "Traceback" not in (term.before or "")
+    assert term.exitstatus == 0
+
+
+def run_piped(url: str, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wstally", "client", url, *args],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=within(60),
+    )
+
+
+def test_piped_mode_sums_exactly(serve: Any) -> None:
+    server = serve("--memory", "--port", "0")
+    result = run_piped(server.url, "".join(f"{i}\n" for i in range(1, 101)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "5050"
+    assert "100 of 100 add(s) acknowledged" in result.stderr
+    assert server.health()["total"] == 5050
+
+
+def test_piped_mode_reports_bad_lines_and_refusals(serve: Any) -> None:
+    server = serve("--memory", "--port", "0")
+    text = "5\nabc\n9223372036854775807\n"
+    result = run_piped(server.url, text)
+    assert result.returncode == 1
+    assert "line 2 not sent: not an integer" in result.stderr
+    assert "refused (overflow)" in result.stderr
+    assert server.health()["total"] == 5
+
+
+def test_piped_mode_gives_up_on_an_unreachable_server() -> None:
+    started = time.monotonic()
+    result = run_piped(f"ws://127.0.0.1:{free_port()}", "1\n", "--timeout", "1")
+    assert result.returncode == 2
+    assert "cannot reach" in result.stderr
+    assert time.monotonic() - started < within(15)
+
+
+def test_server_killed_and_restarted_mid_stream_counts_each_add_once(
+    serve: Any, tmp_path: Path
+) -> None:
+    port = str(free_port())
+    db = str(tmp_path / "crash.db")
+    server = serve("--db", db, "--port", port)
+    url = server.url
+    client = subprocess.Popen(
+        [sys.executable, "-m", "wstally", "client", url, "--timeout", "30"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None
+    try:
+        client.stdin.write("".join(f"{i}\n" for i in range(1, 501)))
+        client.stdin.flush()
+        deadline = time.monotonic() + within(10)
+        while server.health()["seq"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        server.proc.send_signal(signal.SIGKILL)
+        server.wait()
+        client.stdin.write("".join(f"{i}\n" for i in range(501, 1001)))
+        client.stdin.flush()
+        time.sleep(0.3)  # the client is now reconnecting with adds queued
+        restarted = serve("--db", db, "--port", port)
+        out, err = client.communicate(timeout=within(60))  # closes stdin: end of input
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+    assert client.returncode == 0, err
+    assert out.strip() == str(sum(range(1, 1001)))
+    health = restarted.health()
+    assert health["total"] == 500500
+    # Every add is one row in the audit trail: nothing lost, nothing twice.
+    assert health["seq"] == 1000
+
+
+def test_a_hostile_name_reaches_other_terminals_escaped(
+    serve: Any, terminals: list[pexpect.spawn]
+) -> None:
+    server = serve("--memory", "--port", "0")
+    viewer = terminal(terminals, "client", server.url)
+    viewer.expect("connected to")
+    result = run_piped(server.url, "1\n", "--name", "\x1b[2Jevil")
+    assert result.returncode == 0, result.stderr
+    viewer.expect_exact("\\x1b[2Jevil")
+    assert "\x1b[2Jevil" not in (viewer.before or "") + (viewer.after or "")
+
+
+def test_watch_prints_one_line_per_update_when_piped(serve: Any) -> None:
+    server = serve("--memory", "--port", "0")
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "wstally", "watch", server.url, "--exit-after", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    json_watch = subprocess.Popen(
+        [sys.executable, "-m", "wstally", "watch", server.url, "--json", "--exit-after", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0 * within(1))
+    result = run_piped(server.url, "4\n-1\n10\n", "--name", "\x1b]0;pwned\x07")
+    assert result.returncode == 0, result.stderr
+    out, err = watch.communicate(timeout=within(30))
+    jout, _ = json_watch.communicate(timeout=within(30))
+    assert watch.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "seq=1 delta=+4 total=4 by=\\x1b]0;pwned\\x07"
+    assert [line.split()[2] for line in lines] == ["total=4", "total=3", "total=13"]
+    items = [json.loads(line) for line in jout.splitlines()]
+    assert [i["total"] for i in items] == [4, 3, 13]
+    assert items[0]["by"] == "\\x1b]0;pwned\\x07"
+    assert "\x1b" not in out + jout
