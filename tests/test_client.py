@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pexpect
 import pytest
@@ -40,15 +40,21 @@ def serve(tmp_path: Path) -> Iterator[Any]:
                 pipe.close()
 
 
+if TYPE_CHECKING:
+    Term = pexpect.spawn[str]
+else:
+    Term = pexpect.spawn
+
+
 @pytest.fixture
-def terminals() -> Iterator[list[pexpect.spawn]]:
-    spawned: list[pexpect.spawn] = []
+def terminals() -> Iterator[list[Term]]:
+    spawned: list[Term] = []
     yield spawned
     for term in spawned:
         term.close(force=True)
 
 
-def terminal(terminals: list[pexpect.spawn], *args: str) -> pexpect.spawn:
+def terminal(terminals: list[Term], *args: str) -> Term:
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
     term = pexpect.spawn(
         sys.executable,
@@ -77,7 +83,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_two_interactive_clients_and_a_watcher(serve: Any, terminals: list[pexpect.spawn]) -> None:
+def test_two_interactive_clients_and_a_watcher(serve: Any, terminals: list[Term]) -> None:
     server = serve("--memory", "--port", "0")
     url = server.url
     watcher = terminal(terminals, "watch", url)
@@ -113,7 +119,7 @@ def test_two_interactive_clients_and_a_watcher(serve: Any, terminals: list[pexpe
     assert "Traceback" not in (watcher.before or "")
 
 
-def test_ctrl_c_leaves_without_a_traceback(serve: Any, terminals: list[pexpect.spawn]) -> None:
+def test_ctrl_c_leaves_without_a_traceback(serve: Any, terminals: list[Term]) -> None:
     server = serve("--memory", "--port", "0")
     term = terminal(terminals, "client", server.url)
     term.expect("connected to")
@@ -201,16 +207,14 @@ def test_server_killed_and_restarted_mid_stream_counts_each_add_once(
     assert health["seq"] == 1000
 
 
-def test_a_hostile_name_reaches_other_terminals_escaped(
-    serve: Any, terminals: list[pexpect.spawn]
-) -> None:
+def test_a_hostile_name_reaches_other_terminals_escaped(serve: Any, terminals: list[Term]) -> None:
     server = serve("--memory", "--port", "0")
     viewer = terminal(terminals, "client", server.url)
     viewer.expect("connected to")
     result = run_piped(server.url, "1\n", "--name", "\x1b[2Jevil")
     assert result.returncode == 0, result.stderr
     viewer.expect_exact("\\x1b[2Jevil")
-    assert "\x1b[2Jevil" not in (viewer.before or "") + (viewer.after or "")
+    assert "\x1b[2Jevil" not in f"{viewer.before}{viewer.after}"
 
 
 def test_watch_prints_one_line_per_update_when_piped(serve: Any) -> None:
