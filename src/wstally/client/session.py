@@ -178,6 +178,8 @@ class Session:
                 attempt = 0
                 try:
                     await self._serve(ws)
+                    reason = f" {ws.close_reason}" if ws.close_reason else ""
+                    error = f"server closed the connection ({ws.close_code}{reason})"
                 except ConnectionClosed as exc:
                     error = _describe(exc)
                 finally:
@@ -326,4 +328,6 @@ def _describe(exc: BaseException) -> str:
         )
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
     return str(exc) or type(exc).__name__
