@@ -49,12 +49,10 @@ async def run_piped(url: str, name: str | None, give_up_after: float, stream: Te
                 down_since[0] = time.monotonic()
 
     session = Session(url, name=name, on_event=on_event)
-    runner = asyncio.ensure_future(session.run())
-    try:
-        return await _feed(session, stream, give_up_after, down_since, last_ack, refusals)
-    finally:
-        session.close()
-        await asyncio.gather(runner, return_exceptions=True)
+    code = await session.run_beside(
+        _feed(session, stream, give_up_after, down_since, last_ack, refusals)
+    )
+    return 2 if code is None else code
 
 
 async def _feed(

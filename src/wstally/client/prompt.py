@@ -6,7 +6,6 @@ prompt_toolkit keeps the line being typed intact: updates are printed above it
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from prompt_toolkit import PromptSession
@@ -163,14 +162,7 @@ async def run_interactive(url: str, name: str | None) -> int:
     with patch_stdout(raw=True):
         view.say(("", f"wstally client: {HELP}"))
         # Network and keyboard run side by side; whichever ends first ends the other.
-        runner = asyncio.ensure_future(session.run())
-        reader = asyncio.ensure_future(read_input())
-        try:
-            await asyncio.wait([runner, reader], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            session.close()
-            reader.cancel()
-            await asyncio.gather(runner, reader, return_exceptions=True)
+        await session.run_beside(read_input())
     if session.outbox:
         print(f"{len(session.outbox)} add(s) were never acknowledged and may not have counted")
     return 0

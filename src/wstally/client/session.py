@@ -13,9 +13,9 @@ import json
 import random
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -98,6 +98,8 @@ class State:
 
 Event = Snapshot | Updates | Acked | Refused | Presence | State
 
+T = TypeVar("T")
+
 # Refusals that say "not now" rather than "never": keep the add and resend it.
 TRANSIENT = frozenset({"shutting_down", "store_failed"})
 
@@ -157,6 +159,26 @@ class Session:
         self._wake.set()
         if self._ws is not None:
             self._closer = asyncio.ensure_future(self._ws.close())
+
+    async def run_beside(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """Run the session and ``work`` side by side; whichever ends first ends the other.
+
+        Returns what ``work`` returned, or None when the session ended first.
+        """
+        runner = asyncio.ensure_future(self.run())
+        worker = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait([runner, worker], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.close()
+            worker.cancel()
+            await asyncio.gather(runner, worker, return_exceptions=True)
+        if worker.done() and not worker.cancelled() and worker.exception() is None:
+            return worker.result()
+        for task in (runner, worker):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return None
 
     # The connection loop
 

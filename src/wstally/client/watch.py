@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -82,21 +83,19 @@ async def run_watch(url: str, as_json: bool, exit_after: int | None, tty: bool) 
 
     session = Session(url, on_event=on_event)
     view = WatchView(session)
-    runner = asyncio.ensure_future(session.run())
-    finished = asyncio.ensure_future(done.wait())
-    live = Live(view.render(), console=Console(), refresh_per_second=8) if tty else None
-    try:
-        if live is not None:
-            with live:
-                while not finished.done() and not runner.done():
-                    live.update(view.render())
-                    await asyncio.wait([runner, finished], timeout=0.125)
-        else:
-            await asyncio.wait([runner, finished], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        session.close()
-        finished.cancel()
-        await asyncio.gather(runner, finished, return_exceptions=True)
+
+    async def show() -> None:
+        if not tty:
+            await done.wait()
+            return
+        with Live(view.render(), console=Console(), refresh_per_second=8) as live:
+            while not done.is_set():
+                live.update(view.render())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.125):
+                        await done.wait()
+
+    await session.run_beside(show())
     return 0
 
 
