@@ -184,8 +184,10 @@ class TallyServer:
         if path == "/healthz":
             body = {
                 "status": "stopping" if self.draining else "ok",
-                "seq": self.hub.seq,
-                "total": self.hub.total,
+                # Committed, hence acknowledged: a client that holds an ack finds it here,
+                # even if the broadcast carrying it is still a few milliseconds away.
+                "seq": self.tally.committed_seq,
+                "total": self.tally.committed_total,
                 "clients": self.hub.clients,
                 "epoch": self.hub.epoch,
             }
