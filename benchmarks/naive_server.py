@@ -36,6 +36,8 @@ async def handler(ws: ServerConnection, fault: str | None) -> None:
     try:
         async for message in ws:
             add = json.loads(message)
+            if add.get("type") != "add":
+                continue  # hello: the naive server has no use for it
             state["seq"] += 1
             seq = state["seq"]
             delta = add["delta"] * (2 if fault == "double" and seq == 100 else 1)

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 import multiprocessing as mp
+import secrets
 import shlex
 import socket
 import sys
@@ -99,6 +100,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="measure fan-out latency on every Nth seq (default 8)",
     )
     p.add_argument("--server-pid", type=int, help="read CPU and RSS of this local server")
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="survive server restarts: reconnect, resend unanswered adds with their ids "
+        "(the verdict then proves exactly-once across the crash)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument(
         "--allow-remote",
@@ -119,6 +126,17 @@ def _is_loopback(host: str) -> bool:
         )
     except (OSError, ValueError):
         return False
+
+
+def _healthz_retrying(host: str, port: int, patience: float) -> dict[str, Any]:
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return healthz(host, port)
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -185,6 +203,7 @@ class LoadTest:
             send_times=ctx.RawArray("d", RING),
             results=ctx.Queue(),
         )
+        run_id = secrets.token_hex(4)
         watchers = _split(args.watchers, procs_n)
         senders = _split(args.senders, procs_n)
         per_sender = None
@@ -203,6 +222,8 @@ class LoadTest:
                 updates=per_sender,
                 ramp=args.ramp,
                 sample_every=args.sample_every,
+                reconnect=args.reconnect,
+                run_id=run_id,
             )
             for i in range(procs_n)
         ]
@@ -268,7 +289,7 @@ class LoadTest:
                 live.stop()
         self.send_wall = time.monotonic() - t0
         self.mem_during = proc.memory_kib() if proc else {}
-        self.final = healthz(host, port)
+        self.final = _healthz_retrying(host, port, 30.0 if args.reconnect else 0.0)
         shared.final_seq.value = int(self.final["seq"])
         results: list[dict[str, Any]] = []
         deadline = time.monotonic() + 120
@@ -418,6 +439,8 @@ class LoadTest:
             "ack_ms": _percentiles(_merge([r["ack_hist"] for r in good])),
             "fanout_ms": _percentiles(_merge([r["fanout_hist"] for r in good])),
             "snapshots_seen": sum(r["snapshots"] for r in good),
+            "reconnects": sum(r["reconnects"] for r in good),
+            "resent": sum(r["resent"] for r in good),
             "generator_cpu": [round(c, 3) for c in gen_cpu],
             "generator_saturated": any(c > 0.9 for c in gen_cpu),
             "start": self.start,
@@ -451,6 +474,8 @@ class LoadTest:
             f"{f['sent']:,} / {f['acked']:,} / {sum(f['refused'].values()):,}",
         )
         table.add_row("ingest (acked/s)", f"{f['ingest_per_s']:,.0f}")
+        if f["reconnects"]:
+            table.add_row("reconnects / adds resent", f"{f['reconnects']:,} / {f['resent']:,}")
         table.add_row("deliveries/s", f"{f['deliveries_per_s']:,.0f}")
         for key, label in (("ack_ms", "ack latency"), ("fanout_ms", "fan-out latency")):
             table.add_row(

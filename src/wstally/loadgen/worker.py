@@ -47,6 +47,8 @@ class Plan:
     ramp: float = 0.0
     sample_every: int = 8  # fan-out latency is measured on every Nth seq
     connect_timeout: float = 30.0
+    reconnect: bool = False  # survive a server restart: reconnect, resend unacked adds
+    run_id: str = ""  # makes hello client ids unique to this run
 
 
 @dataclass
@@ -126,6 +128,7 @@ class SenderStats:
     acked: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
+    resent: int = 0
     delta_sum: int = 0
     seqs: array[int] = field(default_factory=lambda: array("q"))
 
@@ -149,6 +152,30 @@ class Sender:
         self._queue: list[bytes] = []
         self._flush_scheduled = False
         self.ring = len(shared.send_times)
+        self.resent: set[int] = set()
+
+    def attach(self, client: FrameClient) -> None:
+        """Use ``client``: say hello, and resend every add still unanswered, same ids.
+
+        The hello's client id scopes the ids, so a resend after a server restart is
+        recognised as a duplicate if the first attempt had been committed.
+        """
+        reattach = self.client is not None
+        self.client = client
+        hello = b'{"type":"hello","client":"%s-%s"}' % (
+            self.plan.run_id.encode(),
+            self.name.encode(),
+        )
+        frames = [hello]
+        if reattach:
+            for n in sorted(self.sent_at):
+                self.resent.add(n)
+                frames.append(self._frame(n))
+            self.stats.resent += len(frames) - 1
+        client.send_many(frames)
+
+    def _frame(self, n: int) -> bytes:
+        return b'{"type":"add","delta":%d,"id":"%s-%d"}' % (self.deltas[n], self.name.encode(), n)
 
     def limit_reached(self) -> bool:
         limit = self.plan.updates
@@ -160,9 +187,7 @@ class Sender:
         delta = self.rng.randint(-1000, 1000)
         self.deltas[n] = delta
         self.sent_at[n] = intended if intended is not None else time.monotonic()
-        self._queue.append(
-            b'{"type":"add","delta":%d,"id":"%s-%d"}' % (delta, self.name.encode(), n)
-        )
+        self._queue.append(self._frame(n))
         self.stats.sent += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -192,7 +217,7 @@ class Sender:
         if sent is None:
             return
         stats = self.stats
-        if ack.get("duplicate"):
+        if ack.get("duplicate") and n not in self.resent:
             stats.duplicates += 1
         stats.acked += 1
         seq = ack["seq"]
@@ -314,7 +339,49 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
     )
     connect_seconds = time.monotonic() - t0
     for sender, conn in zip(senders, conns[plan.watchers :], strict=True):
-        sender.client = conn
+        if conn is not None:
+            sender.attach(conn)
+    callbacks = [w.on_text for w in watchers] + [s.on_text for s in senders]
+    closing = [False]
+    reconnects = [0]
+
+    async def keep(i: int) -> None:
+        # After a server crash and restart, come back: watchers resync from the snapshot,
+        # senders resend what was never answered.
+        while True:
+            conn = conns[i]
+            assert conn is not None
+            await asyncio.shield(conn.closed)
+            delay = 0.05
+            while not closing[0]:
+                try:
+                    async with asyncio.timeout(5):
+                        conn = await open_client(plan.host, plan.port, callbacks[i])
+                except Exception:
+                    await asyncio.sleep(delay)
+                    delay = min(1.0, delay * 2)
+                    continue
+                conns[i] = conn
+                reconnects[0] += 1
+                if i >= plan.watchers:
+                    senders[i - plan.watchers].attach(conn)
+                break
+            if closing[0]:
+                return
+
+    async def give_up(sender: Sender, conn: FrameClient) -> None:
+        # Without --reconnect a lost sender is done: its unanswered adds are reported.
+        await asyncio.shield(conn.closed)
+        sender.finished.set()
+
+    if plan.reconnect:
+        keepers = [asyncio.ensure_future(keep(i)) for i, c in enumerate(conns) if c is not None]
+    else:
+        keepers = [
+            asyncio.ensure_future(give_up(sender, conn))
+            for sender, conn in zip(senders, conns[plan.watchers :], strict=True)
+            if conn is not None
+        ]
     progress[base + 3] = len(conns) - failed
     with shared.ready.get_lock():
         shared.ready.value += 1
@@ -371,6 +438,9 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
             continue
         fanout.record_value(max(1, int((t - sent) * 1e6)))
 
+    closing[0] = True
+    for keeper in keepers:
+        keeper.cancel()
     for conn in conns:
         if conn is not None:
             conn.close()
@@ -394,6 +464,8 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
         "acked": sum(s.stats.acked for s in senders),
         "unanswered": sum(len(s.sent_at) for s in senders),
         "duplicates": sum(s.stats.duplicates for s in senders),
+        "resent": sum(s.stats.resent for s in senders),
+        "reconnects": reconnects[0],
         "refused": _merge_counts(s.stats.refused for s in senders),
         "delta_sum": sum(s.stats.delta_sum for s in senders),
         "acked_seqs": array("q", [q for s in senders for q in s.stats.seqs]).tobytes(),
