@@ -6,7 +6,7 @@ import asyncio
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from wstally.client.session import Acked, Event, Refused, Session, State, safe
 from wstally.protocol import ProtocolError, parse_plain
@@ -26,7 +26,7 @@ def _read_lines(stream: TextIO, queue: asyncio.Queue[str | None]) -> None:
     threading.Thread(target=pump, name="stdin", daemon=True).start()
 
 
-async def run_piped(url: str, name: str | None, give_up_after: float, stream: TextIO) -> int:
+async def run_piped(session_options: dict[str, Any], give_up_after: float, stream: TextIO) -> int:
     last_ack: list[Acked] = []
     refusals: list[Refused] = []
     down_since: list[float | None] = [None]
@@ -43,12 +43,14 @@ async def run_piped(url: str, name: str | None, give_up_after: float, stream: Te
                 file=sys.stderr,
             )
         elif isinstance(event, State):
+            if event.state == "closed" and event.error:
+                print(f"wstally client: {safe(event.error, 300)}", file=sys.stderr)
             if event.state == "connected":
                 down_since[0] = None
             elif down_since[0] is None:
                 down_since[0] = time.monotonic()
 
-    session = Session(url, name=name, on_event=on_event)
+    session = Session(**session_options, on_event=on_event)
     code = await session.run_beside(
         _feed(session, stream, give_up_after, down_since, last_ack, refusals)
     )

@@ -7,6 +7,7 @@ prompt_toolkit keeps the line being typed intact: updates are printed above it
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.formatted_text import FormattedText
@@ -106,6 +107,8 @@ class PromptView:
             pending = len(self.session.outbox)
             if pending:
                 self.say(("class:warn", f"resending {pending} unacknowledged add(s)"))
+        elif event.state == "closed" and event.error:
+            self.say(("class:error", f"! {safe(event.error, 300)}"))
         elif event.state == "reconnecting" and event.retry_in is not None:
             self.retry_at = time.monotonic() + event.retry_in
             if event.error != self.last_error:
@@ -128,9 +131,9 @@ class PromptView:
         return FormattedText(parts)
 
 
-async def run_interactive(url: str, name: str | None) -> int:
+async def run_interactive(session_options: dict[str, Any]) -> int:
     view: PromptView
-    session = Session(url, name=name, on_event=lambda e: view.on_event(e))
+    session = Session(**session_options, on_event=lambda e: view.on_event(e))
     view = PromptView(session)
     prompt: PromptSession[str] = PromptSession()
 

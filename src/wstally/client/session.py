@@ -12,13 +12,14 @@ import asyncio
 import json
 import random
 import secrets
+import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from wstally.protocol import SUBPROTOCOL, escape_text
 
@@ -114,8 +115,13 @@ class Session:
         on_event: Callable[[Event], None] = lambda event: None,
         backoff: tuple[float, float] = (0.1, 5.0),
         open_timeout: float = 10.0,
+        cafile: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.url = url
+        # wss:// is verified against the system's CAs, or against cafile when given.
+        self.ssl = ssl.create_default_context(cafile=cafile) if url.startswith("wss:") else None
+        self.headers = {"Authorization": f"Bearer {token}"} if token else None
         self.name = _printable_name(name) if name else None
         self.client_id = client_id or secrets.token_hex(8)
         self.on_event = on_event
@@ -190,7 +196,21 @@ class Session:
             error: str | None = None
             try:
                 async with asyncio.timeout(self.open_timeout):
-                    ws = await connect(self.url, subprotocols=[SUBPROTOCOL], open_timeout=None)
+                    ws = await connect(
+                        self.url,
+                        subprotocols=[SUBPROTOCOL],
+                        open_timeout=None,
+                        ssl=self.ssl,
+                        additional_headers=self.headers,
+                    )
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (400, 401, 403, 404):
+                    # Refused on purpose (credentials, origin, protocol): retrying won't help.
+                    body = exc.response.body.decode(errors="replace").strip()
+                    self._emit(State("closed", error=f"server refused: HTTP {status} {body}"))
+                    return
+                error = _describe(exc)
             except (OSError, TimeoutError, InvalidHandshake) as exc:
                 error = _describe(exc)
             except InvalidURI as exc:

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections import deque
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -65,7 +66,9 @@ class WatchView:
         return Panel(Group(*parts), title=f"wstally · {safe(s.url, 80)}")
 
 
-async def run_watch(url: str, as_json: bool, exit_after: int | None, tty: bool) -> int:
+async def run_watch(
+    session_options: dict[str, Any], as_json: bool, exit_after: int | None, tty: bool
+) -> int:
     seen = [0]
     done = asyncio.Event()
     view: WatchView
@@ -76,12 +79,14 @@ async def run_watch(url: str, as_json: bool, exit_after: int | None, tty: bool) 
         elif isinstance(event, Updates):
             for item in event.items:
                 _print_line(item, as_json)
+        if isinstance(event, State) and event.state == "closed" and event.error and not tty:
+            print(f"wstally watch: {safe(event.error, 300)}", file=sys.stderr)
         if isinstance(event, Updates):
             seen[0] += len(event.items)
             if exit_after is not None and seen[0] >= exit_after:
                 done.set()
 
-    session = Session(url, on_event=on_event)
+    session = Session(**session_options, on_event=on_event)
     view = WatchView(session)
 
     async def show() -> None:

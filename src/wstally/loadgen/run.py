@@ -6,9 +6,11 @@ import argparse
 import ipaddress
 import json
 import multiprocessing as mp
+import os
 import secrets
 import shlex
 import socket
+import ssl
 import sys
 import time
 from array import array
@@ -100,6 +102,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="measure fan-out latency on every Nth seq (default 8)",
     )
     p.add_argument("--server-pid", type=int, help="read CPU and RSS of this local server")
+    p.add_argument("--cafile", metavar="PEM", help="trust this CA for wss:// URLs")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("WSTALLY_TOKEN"),
+        help="access token for a server started with --token [env WSTALLY_TOKEN]",
+    )
     p.add_argument(
         "--reconnect",
         action="store_true",
@@ -128,11 +136,13 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _healthz_retrying(host: str, port: int, patience: float) -> dict[str, Any]:
+def _healthz_retrying(
+    host: str, port: int, patience: float, tls: ssl.SSLContext | None
+) -> dict[str, Any]:
     deadline = time.monotonic() + patience
     while True:
         try:
-            return healthz(host, port)
+            return healthz(host, port, tls=tls)
         except OSError:
             if time.monotonic() >= deadline:
                 raise
@@ -165,6 +175,7 @@ class LoadTest:
         self.console = console
         self.server: SpawnedServer | None = None
         self.figures: dict[str, Any] = {}
+        self.tls = False
 
     def run(self) -> int:
         args = self.args
@@ -175,10 +186,11 @@ class LoadTest:
             pid: int | None = self.server.proc.pid
         else:
             parts = urlsplit(args.url)
-            if parts.scheme != "ws" or parts.hostname is None:
-                self.console.print(f"[red]unsupported URL {args.url}; use ws://HOST:PORT/")
+            if parts.scheme not in ("ws", "wss") or parts.hostname is None:
+                self.console.print(f"[red]unsupported URL {args.url}; use ws:// or wss://")
                 return 2
-            host, port = parts.hostname, parts.port or 80
+            self.tls = parts.scheme == "wss"
+            host, port = parts.hostname, parts.port or (443 if self.tls else 80)
             if not args.allow_remote and not _is_loopback(host):
                 self.console.print(f"[red]{host} is not a loopback address; see --allow-remote")
                 return 2
@@ -224,6 +236,9 @@ class LoadTest:
                 sample_every=args.sample_every,
                 reconnect=args.reconnect,
                 run_id=run_id,
+                tls=self.tls,
+                cafile=args.cafile,
+                token=args.token,
             )
             for i in range(procs_n)
         ]
@@ -257,7 +272,8 @@ class LoadTest:
                 break
             time.sleep(0.02)
         self.connect_wall = time.monotonic() - t_connect
-        self.start = healthz(host, port)
+        self.health_tls = ssl.create_default_context(cafile=args.cafile) if self.tls else None
+        self.start = healthz(host, port, tls=self.health_tls)
         self.cpu0 = proc.cpu_seconds() if proc else None
         self.mem_before = proc.memory_kib() if proc else {}
         shared.go.set()
@@ -289,7 +305,8 @@ class LoadTest:
                 live.stop()
         self.send_wall = time.monotonic() - t0
         self.mem_during = proc.memory_kib() if proc else {}
-        self.final = _healthz_retrying(host, port, 30.0 if args.reconnect else 0.0)
+        patience = 30.0 if args.reconnect else 0.0
+        self.final = _healthz_retrying(host, port, patience, self.health_tls)
         shared.final_seq.value = int(self.final["seq"])
         results: list[dict[str, Any]] = []
         deadline = time.monotonic() + 120

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -15,8 +16,11 @@ from typing import Any
 __all__ = ["ProcReader", "SpawnedServer", "healthz"]
 
 
-def healthz(host: str, port: int, timeout: float = 5.0) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=timeout) as response:
+def healthz(
+    host: str, port: int, timeout: float = 5.0, tls: ssl.SSLContext | None = None
+) -> dict[str, Any]:
+    url = f"{'https' if tls else 'http'}://{host}:{port}/healthz"
+    with urllib.request.urlopen(url, timeout=timeout, context=tls) as response:
         body: dict[str, Any] = json.load(response)
         return body
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import ssl
 import struct
 from collections.abc import Callable
 from typing import cast
@@ -46,13 +47,20 @@ def encode_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
 class FrameClient(asyncio.Protocol):
     """Parses server frames and hands each text payload to ``on_text``."""
 
-    def __init__(self, on_text: Callable[[bytes], None], host: str, path: str = "/") -> None:
+    def __init__(
+        self,
+        on_text: Callable[[bytes], None],
+        host: str,
+        path: str = "/",
+        token: str | None = None,
+    ) -> None:
         self.on_text = on_text
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self.request = (
             f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
             "Connection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
-            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: wstally.v1\r\n\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: wstally.v1\r\n{auth}\r\n"
         ).encode()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
@@ -142,11 +150,21 @@ class FrameClient(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-async def open_client(host: str, port: int, on_text: Callable[[bytes], None]) -> FrameClient:
+async def open_client(
+    host: str,
+    port: int,
+    on_text: Callable[[bytes], None],
+    tls: ssl.SSLContext | None = None,
+    token: str | None = None,
+) -> FrameClient:
     """Connect and complete the opening handshake (the caller bounds the time)."""
     loop = asyncio.get_running_loop()
     _, proto = await loop.create_connection(
-        lambda: FrameClient(on_text, f"{host}:{port}"), host, port
+        lambda: FrameClient(on_text, f"{host}:{port}", token=token),
+        host,
+        port,
+        ssl=tls,
+        server_hostname=host if tls is not None else None,
     )
     await proto.upgraded
     return proto

@@ -11,6 +11,7 @@ import contextlib
 import json
 import random
 import resource
+import ssl
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class Plan:
     sample_every: int = 8  # fan-out latency is measured on every Nth seq
     connect_timeout: float = 30.0
     reconnect: bool = False  # survive a server restart: reconnect, resend unacked adds
+    tls: bool = False  # wss://
+    cafile: str | None = None
+    token: str | None = None
     run_id: str = ""  # makes hello client ids unique to this run
 
 
@@ -274,6 +278,11 @@ class Sender:
             await asyncio.sleep(0)
 
 
+def _access(plan: Plan) -> tuple[ssl.SSLContext | None, str | None]:
+    tls = ssl.create_default_context(cafile=plan.cafile) if plan.tls else None
+    return tls, plan.token
+
+
 def _raise_fd_limit(wanted: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < wanted:
@@ -311,7 +320,7 @@ async def _connect_all(
             started = time.monotonic()
             try:
                 async with asyncio.timeout(plan.connect_timeout):
-                    client = await open_client(plan.host, plan.port, cb)
+                    client = await open_client(plan.host, plan.port, cb, *_access(plan))
             except (OSError, TimeoutError, Exception) as exc:
                 if len(errors) < 5:
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -356,7 +365,7 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
             while not closing[0]:
                 try:
                     async with asyncio.timeout(5):
-                        conn = await open_client(plan.host, plan.port, callbacks[i])
+                        conn = await open_client(plan.host, plan.port, callbacks[i], *_access(plan))
                 except Exception:
                     await asyncio.sleep(delay)
                     delay = min(1.0, delay * 2)
