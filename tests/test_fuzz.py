@@ -38,6 +38,7 @@ KNOWN_CODES = {
     "hello_late",
     "overflow",
     "binary_unsupported",
+    "bad_since",
 }
 
 

@@ -8,21 +8,38 @@ accumulates, so a slow disk makes batches larger rather than the server slower.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-import structlog
-
-from wstally import protocol
+from wstally import logsetup, protocol
 from wstally.hub import Hub, Mode, Peer
 from wstally.store import Store
 from wstally.tally import Duplicate, Tally, Update
 
-__all__ = ["Committer"]
+__all__ = ["CommitWindow", "Committer"]
 
-log = structlog.get_logger("wstally.committer")
+log = logsetup.get_logger("wstally.committer")
+
+T = TypeVar("T")
 
 STORE_FAILED = "the update could not be stored; total unchanged"
+
+# A commit slower than this delays every ack waiting on it: worth a warning.
+SLOW_COMMIT = 0.5
+
+
+@dataclass(slots=True)
+class CommitWindow:
+    """Commits since the previous look (for ``server.stats``)."""
+
+    commits: int = 0
+    updates: int = 0
+    max_batch: int = 0
+    max_seconds: float = 0.0
 
 
 class Committer:
@@ -42,12 +59,16 @@ class Committer:
             else None
         )
         self._task: asyncio.Task[None] | None = None
-        # Figures for stats.
+        # Figures for stats: since the start, and since the last take_window().
         self.commits = 0
         self.committed = 0
         self.max_batch = 0
         self.max_commit_seconds = 0.0
         self.failures = 0
+        self._window = CommitWindow()
+        self.slow_commit = SLOW_COMMIT
+        # One commit per batch, not per update, but still: skip building the event if unused.
+        self._debug = logsetup.enabled_for(logging.DEBUG)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="committer")
@@ -69,6 +90,12 @@ class Committer:
     def _kick(self) -> None:
         self._idle.clear()
         self._wakeup.set()
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a store read on the store's own thread, in turn with the commits."""
+        if self._executor is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is committed and answered."""
@@ -98,7 +125,7 @@ class Committer:
             except Exception as exc:
                 self._failed(batch, waiters, exc)
                 return
-            self._account(len(batch), time.perf_counter() - started)
+            self._account(batch, time.perf_counter() - started)
             last = batch[-1]
             self.tally.commit(last.seq, last.total)
             self.hub.publish(batch)
@@ -106,11 +133,37 @@ class Committer:
         if not self._updates and not self._waiters:
             self._idle.set()
 
-    def _account(self, size: int, seconds: float) -> None:
+    def _account(self, batch: list[Update], seconds: float) -> None:
+        size = len(batch)
         self.commits += 1
         self.committed += size
         self.max_batch = max(self.max_batch, size)
         self.max_commit_seconds = max(self.max_commit_seconds, seconds)
+        window = self._window
+        window.commits += 1
+        window.updates += size
+        window.max_batch = max(window.max_batch, size)
+        window.max_seconds = max(window.max_seconds, seconds)
+        if seconds >= self.slow_commit:
+            self._log_commit(logging.WARNING, "store.commit_slow", batch, seconds)
+        elif self._debug:
+            self._log_commit(logging.DEBUG, "store.committed", batch, seconds)
+
+    def _log_commit(self, level: int, event: str, batch: list[Update], seconds: float) -> None:
+        log.log(
+            level,
+            event,
+            batch=len(batch),
+            ms=round(seconds * 1000, 3),
+            first_seq=batch[0].seq,
+            last_seq=batch[-1].seq,
+            pending=len(self._updates),
+        )
+
+    def take_window(self) -> CommitWindow:
+        """The commit figures since the previous call, and start a new window."""
+        window, self._window = self._window, CommitWindow()
+        return window
 
     def _answer(self, waiters: list[tuple[Peer, Update | Duplicate]]) -> None:
         send = self.hub.send

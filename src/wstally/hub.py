@@ -9,6 +9,7 @@ is the cost that bounds a naive server (see the engineering guide): this is wher
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,10 +17,12 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
-from wstally import protocol
+from wstally import logsetup, protocol
 from wstally.tally import Update
 
 __all__ = ["Hub", "Mode", "Peer"]
+
+log = logsetup.get_logger("wstally.hub")
 
 OPEN = State.OPEN
 
@@ -33,21 +36,29 @@ class Peer:
     """One registered connection, as the hub sees it."""
 
     __slots__ = (
+        "addr",
         "applied",
+        "bucket",
+        "bucket_at",
+        "bytes_in",
         "bytes_out",
         "client",
         "clients_seen",
         "closing",
         "drained",
+        "duplicates",
         "frames_out",
         "greeted",
         "id",
+        "lag_seq",
+        "lag_since",
         "lagged",
         "lagging",
         "messages_in",
         "mode",
         "name",
         "outbox",
+        "recovering",
         "refused",
         "ws",
     )
@@ -56,17 +67,27 @@ class Peer:
         self.ws = ws
         self.mode = mode
         self.id = conn_id
+        addr = ws.remote_address
+        self.addr: str | None = f"{addr[0]}:{addr[1]}" if addr else None
         self.client: str | None = None
         self.name: str | None = None
         self.greeted = False  # a hello or an add was seen: no hello from now on
+        # Token bucket of the add rate limit: tokens left, and when it was last topped up.
+        self.bucket = float("inf")
+        self.bucket_at = 0.0
+        self.recovering = False  # missed updates are being replayed: hold broadcasts
         # Frames for this connection alone, written at the next flush.
         self.outbox: list[bytes] = []
         # The client count this peer last heard of, in a snapshot or a presence frame.
         self.clients_seen = 0
         self.lagging = False
         self.lagged = 0  # how many times this connection fell behind
+        self.lag_since = 0.0  # when it last fell behind (loop time)
+        self.lag_seq = 0  # the hub's seq then
         self.messages_in = 0
+        self.bytes_in = 0
         self.applied = 0
+        self.duplicates = 0
         self.refused = 0
         self.frames_out = 0
         self.bytes_out = 0
@@ -75,6 +96,15 @@ class Peer:
         # so a client that does not read cannot make us queue unbounded acks for it.
         self.drained = asyncio.Event()
         self.drained.set()
+
+    def context(self) -> dict[str, Any]:
+        """The connection's log context, for events logged outside its own task."""
+        context: dict[str, Any] = {"conn": self.id, "peer": self.addr, "mode": self.mode.value}
+        if self.client is not None:
+            context["client"] = self.client
+        if self.name is not None:
+            context["name"] = self.name
+        return context
 
 
 class Hub:
@@ -118,6 +148,10 @@ class Hub:
         self._own_handle: asyncio.Handle | None = None
         self._presence_handle: asyncio.TimerHandle | None = None
         self._resync_handle: asyncio.TimerHandle | None = None
+        # The hub's callbacks write to every connection: they run in an empty context, not
+        # in that of whichever connection scheduled them, so that no event they log carries
+        # another connection's bound fields.
+        self._context = contextvars.Context()
         # Counters for stats and tests.
         self.frames_flushed = 0
         self.deliveries = 0
@@ -160,7 +194,9 @@ class Hub:
         peer.outbox.append(text.encode())
         self._dirty[peer] = None
         if self._own_handle is None:
-            self._own_handle = asyncio.get_running_loop().call_soon(self._flush_own)
+            self._own_handle = asyncio.get_running_loop().call_soon(
+                self._flush_own, context=self._context
+            )
 
     def publish(self, updates: Sequence[Update]) -> None:
         """Queue committed updates for every connection, in seq order."""
@@ -183,9 +219,9 @@ class Hub:
             interval = max(self.flush_interval, 2 * self._flush_cost)
             wait = self._last_flush + interval - loop.time()
             if wait <= 0:
-                self._flush_handle = loop.call_soon(self.flush)
+                self._flush_handle = loop.call_soon(self.flush, context=self._context)
             else:
-                self._flush_handle = loop.call_later(wait, self.flush)
+                self._flush_handle = loop.call_later(wait, self.flush, context=self._context)
 
     def _presence_changed(self) -> None:
         # Coalesced over an interval, not a tick: a thousand clients connecting in a second
@@ -194,7 +230,9 @@ class Hub:
         if self._presence_handle is None:
             loop = asyncio.get_running_loop()
             interval = max(self.presence_interval, len(self.peers) * 2e-5)
-            self._presence_handle = loop.call_later(interval, self._presence_due)
+            self._presence_handle = loop.call_later(
+                interval, self._presence_due, context=self._context
+            )
 
     def _presence_due(self) -> None:
         self._presence_handle = None
@@ -244,6 +282,8 @@ class Hub:
                 peer.outbox = []
             if peer.mode is Mode.PLAIN:
                 shared = plain_frames
+            elif peer.recovering:
+                shared = []
             elif presence is None or peer.clients_seen == clients:
                 shared = updates_only
             else:
@@ -263,8 +303,9 @@ class Hub:
         if ws.protocol.state is not OPEN or peer.closing:
             return
         transport = ws.transport
-        if not force and transport.get_write_buffer_size() > self.buffer_limit:
-            self._fall_behind(peer, own)
+        buffered = transport.get_write_buffer_size()
+        if not force and buffered > self.buffer_limit:
+            self._fall_behind(peer, own, buffered)
             return
         send_text = ws.protocol.send_text
         for frame in own:
@@ -288,7 +329,7 @@ class Hub:
 
     # Slow consumers
 
-    def _fall_behind(self, peer: Peer, own: list[bytes]) -> None:
+    def _fall_behind(self, peer: Peer, own: list[bytes], buffered: int) -> None:
         """Stop writing to ``peer`` until it drains, then resync it from a snapshot.
 
         Broadcast frames are dropped (the snapshot supersedes them); frames addressed to the
@@ -296,13 +337,27 @@ class Hub:
         """
         peer.lagging = True
         peer.lagged += 1
+        loop = asyncio.get_running_loop()
+        peer.lag_since = loop.time()
+        peer.lag_seq = self.seq
         peer.drained.clear()
         self.lagging[peer] = None
         self.skipped += 1
         peer.outbox = own + peer.outbox
+        # Once per episode (the peer is skipped until it drains), never per skipped write.
+        log.warning(
+            "broadcast.lagging",
+            **peer.context(),
+            buffered=buffered,
+            limit=self.buffer_limit,
+            lagged=peer.lagged,
+            seq=self.seq,
+            lagging=len(self.lagging),
+        )
         if self._resync_handle is None:
-            loop = asyncio.get_running_loop()
-            self._resync_handle = loop.call_later(self.resync_interval, self._check_lagging)
+            self._resync_handle = loop.call_later(
+                self.resync_interval, self._check_lagging, context=self._context
+            )
 
     def _check_lagging(self) -> None:
         self._resync_handle = None
@@ -329,7 +384,9 @@ class Hub:
                     self.on_resync(peer)
         if self.lagging and self._resync_handle is None:
             loop = asyncio.get_running_loop()
-            self._resync_handle = loop.call_later(self.resync_interval, self._check_lagging)
+            self._resync_handle = loop.call_later(
+                self.resync_interval, self._check_lagging, context=self._context
+            )
 
     def close(self) -> None:
         handles = (self._flush_handle, self._own_handle, self._presence_handle, self._resync_handle)

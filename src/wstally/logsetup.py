@@ -2,22 +2,58 @@
 
 Events are rendered for people on a terminal and as JSON lines otherwise; ``--log-file``
 always gets JSON lines. websockets' own stdlib records go through the same processors, so
-they carry the same timestamp, level and connection context as ours.
+they carry the same timestamp, level and connection context as ours. The events and their
+fields are catalogued in ``docs/logging.md``.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
-from structlog.typing import EventDict, Processor
+from structlog.typing import EventDict, FilteringBoundLogger, Processor
 
-__all__ = ["FORMATS", "LEVELS", "configure"]
+__all__ = [
+    "FORMATS",
+    "LEVELS",
+    "bind_connection",
+    "configure",
+    "conn_id",
+    "enabled_for",
+    "get_logger",
+]
 
 FORMATS = ("auto", "console", "json")
 LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def conn_id(ws: Any) -> str:
+    """The short connection id every event about a connection carries as ``conn``."""
+    return str(ws.id.hex[:12])
+
+
+def _websocket_context(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    # websockets logs some lines from transport callbacks, outside the connection's task and
+    # so outside its bound context; its records carry the connection (a weak proxy) instead.
+    record = event_dict.get("_record")
+    ws = getattr(record, "websocket", None)
+    if ws is None:
+        return event_dict
+    try:
+        event_dict.setdefault("conn", conn_id(ws))
+        if "peer" not in event_dict:
+            addr = ws.remote_address
+            if addr:
+                event_dict["peer"] = f"{addr[0]}:{addr[1]}"
+        response = ws.response
+        if "mode" not in event_dict and response is not None and response.status_code == 101:
+            event_dict["mode"] = "json" if ws.subprotocol else "plain"
+    except (ReferenceError, AttributeError, OSError, TypeError, IndexError):
+        pass  # the connection is already gone: log what we have
+    return event_dict
 
 
 def _shared_processors() -> list[Processor]:
@@ -29,7 +65,8 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
-_FIRST = ("timestamp", "level", "event", "logger")
+# Then the connection context, so that a line about a connection says which one up front.
+_FIRST = ("timestamp", "level", "event", "logger", "conn", "peer", "mode", "client", "name")
 
 
 def _order_keys(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
@@ -39,16 +76,16 @@ def _order_keys(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     return ordered
 
 
-def _formatter(fmt: str) -> logging.Formatter:
+def _formatter(fmt: str, colors: bool = False) -> logging.Formatter:
     renderer: Processor
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer()
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
         extra: list[Processor] = []
     else:
         renderer = structlog.processors.JSONRenderer()
         extra = [structlog.processors.dict_tracebacks, _order_keys]
     return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_shared_processors(),
+        foreign_pre_chain=[*_shared_processors(), _websocket_context],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *extra,
@@ -65,16 +102,18 @@ def configure(
 ) -> None:
     """Route every log record (ours and websockets') through one chain of processors."""
     stream = stream if stream is not None else sys.stderr
+    tty = stream.isatty()
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
+        fmt = "console" if tty else "json"
     numeric = logging.getLevelNamesMapping()[level.upper()]
 
     handlers: list[logging.Handler] = []
     console = logging.StreamHandler(stream)
-    console.setFormatter(_formatter(fmt))
+    console.setFormatter(_formatter(fmt, colors=tty))
     handlers.append(console)
     if file is not None:
-        to_file = logging.FileHandler(file, encoding="utf-8")
+        # Watched: after logrotate moves the file away, the next line reopens it by name.
+        to_file = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
         to_file.setFormatter(_formatter("json"))
         handlers.append(to_file)
 
@@ -98,6 +137,27 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )
+
+
+def get_logger(name: str) -> FilteringBoundLogger:
+    """A module's logger that follows the configuration in force at each call.
+
+    Not cached, unlike ``structlog.get_logger()`` under ``cache_logger_on_first_use``: a
+    cached logger keeps the level of its first use, which would pin the level of every
+    later (re)configuration, in tests notably. Each call costs a couple of microseconds more,
+    which is nothing for events logged per connection; per-update events are guarded by
+    :func:`enabled_for`, read once when the object that logs them is created.
+    """
+    return cast(
+        FilteringBoundLogger,
+        structlog.wrap_logger(None, logger_factory_args=(name,), cache_logger_on_first_use=False),
+    )
+
+
+def enabled_for(level: int) -> bool:
+    """Whether events at ``level`` are logged under the configuration in force."""
+    bound = cast(FilteringBoundLogger, structlog.get_logger("wstally").bind())
+    return bool(bound.is_enabled_for(level))
 
 
 def bind_connection(**fields: Any) -> None:

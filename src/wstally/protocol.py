@@ -66,6 +66,9 @@ class ProtocolError(Exception):
 class Hello:
     client: str
     name: str | None = None
+    # Recovery: the last seq this client saw, in which history. Both or neither.
+    since: int | None = None
+    epoch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +185,14 @@ def _parse_hello(obj: dict[str, Any]) -> Hello:
         raise ProtocolError(
             "bad_name", f"'name' must be non-empty printable text of at most {MAX_NAME} chars"
         )
-    return Hello(client, name)
+    since = obj.get("since")
+    epoch = obj.get("epoch")
+    if since is not None or epoch is not None:
+        if type(since) is not int or since < 0:
+            raise ProtocolError("bad_since", "'since' must be a non-negative integer seq")
+        if not isinstance(epoch, str) or not 0 < len(epoch) <= MAX_ID:
+            raise ProtocolError("bad_since", "'since' needs the 'epoch' it was seen in")
+    return Hello(client, name, since, epoch)
 
 
 def _json_kind(value: Any) -> str:

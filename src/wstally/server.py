@@ -8,32 +8,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
+import hmac
 import json
+import logging
 import os
 import resource
 import signal
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
-from websockets.typing import Subprotocol
+from websockets.typing import Origin, Subprotocol
 
-from wstally import __version__, protocol
+from wstally import __version__, logsetup, protocol
 from wstally.committer import Committer
 from wstally.hub import Hub, Mode, Peer
 from wstally.protocol import SUBPROTOCOL, Add, ProtocolError
+from wstally.stats import StatsLogger
 from wstally.store import MemoryStore, SQLiteStore, Store, StoreError
 from wstally.tally import Duplicate, Refused, Tally, Update
 
 __all__ = ["ServerConfig", "TallyServer", "run"]
 
-log = structlog.get_logger("wstally.server")
+log = logsetup.get_logger("wstally.server")
+
+# A client sending garbage in a loop must not flood the log: the first refusals of each
+# connection are logged at info, later ones at debug (conn.closed counts them all).
+REFUSALS_LOGGED = 20
+
+
+# A returning client gets at most this many missed updates replayed; further behind, it
+# gets a snapshot. Chunks keep each replayed frame well under the client's frame limits.
+MAX_RECOVERY = 100_000
+RECOVERY_CHUNK = 1_000
 
 
 @dataclass(slots=True)
@@ -49,6 +65,16 @@ class ServerConfig:
     ping_timeout: float | None = 20.0
     open_timeout: float | None = 10.0
     close_timeout: float | None = 10.0
+    stats_interval: float = 10.0  # seconds between server.stats events; 0: none
+    # Access: a shared secret, browser origins allowed, TLS.
+    token: str | None = None
+    allow_origins: list[str] | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    # Limits: connections, adds per second per connection (token bucket), slow consumers.
+    max_connections: int = 20_000
+    rate_limit: float = 10_000.0
+    slow_timeout: float = 5.0
 
     def open_store(self) -> Store:
         return MemoryStore() if self.memory else SQLiteStore(self.db)
@@ -78,8 +104,16 @@ class TallyServer:
         self.committer = Committer(self.tally, self.store, self.hub)
         self.draining = False
         self.stopped = False
+        self._tasks: set[asyncio.Future[None]] = set()
         self.started_at = time.time()
         self._server: Server | None = None
+        # Counters for server.stats (per connection or refusal, never per update).
+        self.opened = 0
+        self.closed = 0
+        self.refused = 0
+        self._stats_task: asyncio.Task[None] | None = None
+        # Per-update events are debug: decide once whether to build them at all.
+        self._debug = logsetup.enabled_for(logging.DEBUG)
 
     # Lifecycle
 
@@ -88,10 +122,19 @@ class TallyServer:
         self.committer.start()
         cfg = self.config
         try:
+            tls = _tls_context(cfg)
+        except (OSError, ssl.SSLError) as exc:
+            self.committer.close()
+            self.store.close()
+            raise StartupError(f"cannot load the TLS certificate or key: {exc}") from exc
+        try:
             self._server = await serve(
                 self._handle,
                 cfg.host,
                 cfg.port,
+                ssl=tls,
+                # None admits clients that send no Origin (everything but browsers).
+                origins=[*map(Origin, cfg.allow_origins), None] if cfg.allow_origins else None,
                 subprotocols=[Subprotocol(SUBPROTOCOL)],
                 select_subprotocol=_select_subprotocol,
                 process_request=self._process_request,
@@ -121,7 +164,15 @@ class TallyServer:
             total=self.tally.total,
             compression=cfg.compression,
             version=__version__,
+            pid=os.getpid(),
+            stats_interval=cfg.stats_interval,
         )
+        if cfg.stats_interval > 0:
+            stats = StatsLogger(self, cfg.stats_interval)
+            # Its own empty context: no connection's fields on server-wide figures.
+            self._stats_task = asyncio.get_running_loop().create_task(
+                stats.run(), name="stats", context=contextvars.Context()
+            )
 
     @property
     def port(self) -> int:
@@ -133,7 +184,8 @@ class TallyServer:
         host = self.config.host
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}/"
+        scheme = "wss" if self.config.certfile else "ws"
+        return f"{scheme}://{host}:{self.port}/"
 
     async def stop(self) -> None:
         """Stop accepting, commit and deliver what is pending, then close everyone with 1001."""
@@ -145,6 +197,10 @@ class TallyServer:
         )
         self._server.server.close()
         self.draining = True
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
         await self.committer.drain()
         self.hub.flush(force=True)
         for peer in list(self.hub.peers):
@@ -180,7 +236,7 @@ class TallyServer:
                 return conn.respond(
                     HTTPStatus.NOT_FOUND, "Not found: the WebSocket endpoint is /\n"
                 )
-            return None
+            return self._admit(conn, request)
         if path == "/healthz":
             body = {
                 "status": "stopping" if self.draining else "ok",
@@ -198,18 +254,41 @@ class TallyServer:
             return response
         return conn.respond(HTTPStatus.NOT_FOUND, "Not found: try /healthz, or / for WebSocket\n")
 
+    def _admit(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Credentials, then capacity: refused here, a client never reaches the handler."""
+        token = self.config.token
+        if token is not None and not _presented(request, token):
+            # Neither the expected nor the presented token is ever logged.
+            response = conn.respond(
+                HTTPStatus.UNAUTHORIZED,
+                "Unauthorized: present the server's token as 'Authorization: Bearer <token>' "
+                "or as the 'token' query parameter\n",
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="wstally"'
+            return response
+        if self.hub.clients >= self.config.max_connections:
+            return conn.respond(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"Service unavailable: {self.config.max_connections} clients connected; "
+                "try again later\n",
+            )
+        return None
+
     # WebSocket
 
     async def _handle(self, ws: ServerConnection) -> None:
         mode = Mode.JSON if ws.subprotocol == SUBPROTOCOL else Mode.PLAIN
-        peer = Peer(ws, mode, ws.id.hex[:12])
-        addr = ws.remote_address
-        structlog.contextvars.bind_contextvars(
-            conn=peer.id, peer=f"{addr[0]}:{addr[1]}" if addr else None, mode=mode.value
-        )
+        peer = Peer(ws, mode, logsetup.conn_id(ws))
+        structlog.contextvars.bind_contextvars(**peer.context())
         opened = time.monotonic()
+        self.opened += 1
         self.hub.register(peer)
-        log.info("conn.opened", clients=self.hub.clients)
+        agent = ws.request.headers.get("User-Agent") if ws.request is not None else None
+        log.info(
+            "conn.opened",
+            clients=self.hub.clients,
+            user_agent=None if agent is None else protocol.escape_text(agent, 80),
+        )
         try:
             async for message in ws:
                 if peer.lagging:
@@ -219,15 +298,21 @@ class TallyServer:
             pass
         finally:
             self.hub.unregister(peer)
+            self.closed += 1
+            # The canonical line: everything about this connection, once, at its end.
+            reason = ws.close_reason
             log.info(
                 "conn.closed",
                 duration=round(time.monotonic() - opened, 3),
                 code=ws.close_code,
-                reason=ws.close_reason,
+                # The client chooses the reason: escaped, as it may reach a terminal.
+                reason=None if reason is None else protocol.escape_text(reason, 123),
                 messages_in=peer.messages_in,
+                bytes_in=peer.bytes_in,
                 frames_out=peer.frames_out,
                 bytes_out=peer.bytes_out,
                 applied=peer.applied,
+                duplicates=peer.duplicates,
                 refused=peer.refused,
                 lagged=peer.lagged,
                 clients=self.hub.clients,
@@ -235,6 +320,11 @@ class TallyServer:
 
     def _on_message(self, peer: Peer, message: str | bytes) -> None:
         peer.messages_in += 1
+        # isascii() is O(1) on CPython: the exact size of a str frame without encoding it.
+        if isinstance(message, bytes) or message.isascii():
+            peer.bytes_in += len(message)
+        else:
+            peer.bytes_in += len(message.encode())
         if isinstance(message, bytes):
             self._refuse(
                 peer,
@@ -269,9 +359,66 @@ class TallyServer:
             peer.client = msg.client
             peer.name = msg.name
             structlog.contextvars.bind_contextvars(client=msg.client, name=msg.name)
-            log.info("conn.hello", client=msg.client, name=msg.name)
+            log.info("conn.hello", client=msg.client, name=msg.name, since=msg.since)
+            if msg.since is not None and msg.epoch is not None:
+                task = asyncio.ensure_future(self._recover(peer, msg.since, msg.epoch))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _recover(self, peer: Peer, since: int, epoch: str) -> None:
+        """Send a returning client every update it missed, then a snapshot, then live.
+
+        While the history is read (off the event loop), broadcasts to this peer are held
+        back; the rows read cover them, up to the hub's position at the moment live
+        delivery resumes, so the client sees no gap and no duplicate.
+        """
+        hub = self.hub
+        if epoch != hub.epoch:
+            return self._not_recovered(peer, since, "new history: the epoch changed")
+        if since > hub.seq:
+            return self._not_recovered(peer, since, "since is ahead of this server's history")
+        if hub.seq - since > MAX_RECOVERY:
+            return self._not_recovered(peer, since, f"more than {MAX_RECOVERY} updates behind")
+        peer.recovering = True
+        try:
+            rows: list[Update] = []
+            cursor = since
+            while cursor < hub.seq:
+                batch = await self.committer.read(self.store.history, cursor, hub.seq - cursor)
+                if not batch or batch[0].seq != cursor + 1:
+                    return self._not_recovered(peer, since, "those updates are no longer kept")
+                rows.extend(batch)
+                cursor = batch[-1].seq
+            for start in range(0, len(rows), RECOVERY_CHUNK):
+                hub.send(peer, protocol.encode_updates(rows[start : start + RECOVERY_CHUNK]))
+            hub.send(peer, hub.snapshot(peer, recovered=True))
+            log.info("conn.recovered", since=since, updates=len(rows), seq=hub.seq)
+        finally:
+            peer.recovering = False
+
+    def _not_recovered(self, peer: Peer, since: int, reason: str) -> None:
+        # The snapshot is the current position: live updates continue from it.
+        self.hub.send(peer, self.hub.snapshot(peer, recovered=False, reason=reason))
+        log.info("conn.not_recovered", since=since, reason=reason, seq=self.hub.seq)
 
     def _add(self, peer: Peer, delta: int, req_id: str | None, raw: str) -> None:
+        rate = self.config.rate_limit
+        if rate:
+            now = time.monotonic()
+            # A second's worth of burst; refilled continuously.
+            tokens = min(rate, peer.bucket + (now - peer.bucket_at) * rate)
+            peer.bucket_at = now
+            if tokens < 1.0:
+                peer.bucket = tokens
+                self._refuse(
+                    peer,
+                    "rate_limited",
+                    f"too many adds: at most {rate:g} per second per connection; not applied",
+                    req_id,
+                    raw,
+                )
+                return
+            peer.bucket = tokens - 1.0
         if self.draining:
             self._refuse(
                 peer, "shutting_down", "the server is shutting down; not applied", req_id, raw
@@ -288,24 +435,47 @@ class TallyServer:
         if type(result) is Update:
             peer.applied += 1
             self.committer.add(peer, result)
-            log.debug("update.applied", seq=result.seq, delta=delta, total=result.total, id=req_id)
+            if self._debug:
+                log.debug(
+                    "update.applied", seq=result.seq, delta=delta, total=result.total, id=req_id
+                )
         elif type(result) is Duplicate:
+            peer.duplicates += 1
             self.committer.duplicate(peer, result)
-            log.debug("update.duplicate", id=req_id, seq=result.seq)
+            if self._debug:
+                log.debug("update.duplicate", id=req_id, seq=result.seq)
         else:
             assert type(result) is Refused
             self._refuse(peer, result.code, result.message, req_id, raw)
 
     def _refuse(self, peer: Peer, code: str, message: str, req_id: str | None, raw: str) -> None:
         peer.refused += 1
-        log.info("update.refused", code=code, id=req_id, input=protocol.escape_text(raw, 80))
+        self.refused += 1
+        if peer.refused <= REFUSALS_LOGGED or self._debug:
+            log.log(
+                logging.INFO if peer.refused <= REFUSALS_LOGGED else logging.DEBUG,
+                "update.refused",
+                code=code,
+                id=req_id,
+                input=protocol.escape_text(raw, 80),
+                refused=peer.refused,
+            )
         if peer.mode is Mode.JSON:
             self.hub.send(peer, protocol.encode_error(code, message, req_id))
         else:
             self.hub.send(peer, protocol.encode_plain_error(message))
 
     def _resynced(self, peer: Peer) -> None:
-        log.info("conn.resynced", conn=peer.id, seq=self.hub.seq, lagged=peer.lagged)
+        # Called from the hub's callbacks, outside the connection's task: name it in full.
+        hub = self.hub
+        log.info(
+            "conn.resynced",
+            **peer.context(),
+            seq=hub.seq,
+            lagged=peer.lagged,
+            missed=hub.seq - peer.lag_seq,
+            lag_seconds=round(asyncio.get_running_loop().time() - peer.lag_since, 3),
+        )
 
 
 async def _until_drained(peer: Peer, ws: ServerConnection) -> None:
@@ -324,6 +494,25 @@ def _raise_fd_limit() -> None:
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _presented(request: Request, token: str) -> bool:
+    expected = token.encode()
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected):
+        return True
+    # Browsers cannot set headers on a WebSocket handshake: accept ?token= too.
+    query = parse_qs(urlsplit(request.path).query)
+    return any(hmac.compare_digest(v.encode(), expected) for v in query.get("token", []))
+
+
+def _tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+    if cfg.certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cfg.certfile, cfg.keyfile)
+    return context
 
 
 def _select_subprotocol(

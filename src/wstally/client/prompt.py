@@ -87,7 +87,9 @@ class PromptView:
             pass  # shown in the toolbar
 
     def _snapshot(self, event: Snapshot) -> None:
-        if event.new_history:
+        if event.recovered:
+            self.say(("class:ok", "✓ caught up: the updates made while away are shown above"))
+        elif event.new_history:
             self.say(("class:warn", f"! the server has a new history; total is {event.total:,}"))
         elif event.missed is not None:
             first, last = event.missed

@@ -60,6 +60,7 @@ class Snapshot:
     # Set on a reconnect (or resync) in the same history: the seqs we never saw.
     missed: tuple[int, int] | None = None
     new_history: bool = False
+    recovered: bool = False  # the server replayed every update we missed
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,7 @@ class Session:
         self._wake = asyncio.Event()
         self._closing = False
         self._closer: asyncio.Future[None] | None = None
+        self._recovering = False
         self._settled = asyncio.Event()
         self._settled.set()
 
@@ -254,9 +256,16 @@ class Session:
         hello: dict[str, Any] = {"type": "hello", "client": self.client_id}
         if self.name:
             hello["name"] = self.name
+        if self.epoch is not None:
+            # Coming back: ask for what we missed. The server replays it, then confirms with
+            # a snapshot marked "recovered"; the snapshot it sent on connect is superseded.
+            hello["since"] = self.seq
+            hello["epoch"] = self.epoch
+            self._recovering = True
         await ws.send(json.dumps(hello))
         self._ws = ws
-        self._on_snapshot(first)
+        if not self._recovering:
+            self._on_snapshot(first)
         self.state = "connected"
         self._emit(State("connected"))
         self.connected_once.set()
@@ -301,6 +310,16 @@ class Session:
     # Server messages
 
     def _on_snapshot(self, msg: dict[str, Any]) -> None:
+        if self._recovering:
+            if "recovered" not in msg:
+                return  # the connect-time snapshot: the replay follows
+            self._recovering = False
+            if msg["recovered"]:
+                self.clients = int(msg["clients"])
+                self._emit(
+                    Snapshot(self.epoch or "", self.seq, self.total, self.clients, recovered=True)
+                )
+                return
         missed = None
         new_history = self.epoch is not None and msg["epoch"] != self.epoch
         if self.epoch is not None and not new_history and msg["seq"] > self.seq:

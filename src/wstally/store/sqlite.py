@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -51,7 +51,10 @@ class SQLiteStore:
         self._lock: IO[bytes] | None = None
         try:
             if readonly:
-                uri = f"file:{self.path}?mode=ro"
+                # A URI, quoted, so that any file name works; read-only, and without the
+                # lock file, so that it works beside a running server (WAL readers never
+                # block the writer).
+                uri = self.path.absolute().as_uri() + "?mode=ro"
                 self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
             else:
                 self._take_lock()
@@ -127,6 +130,52 @@ class SQLiteStore:
             (since, -1 if limit is None else limit),
         )
         return [Update(*r) for r in cursor]
+
+    # Read-only access for ``wstally history``: rows as stored, unconverted, so that a
+    # verification sees exactly what is on disk.
+
+    ROW_COLUMNS = ("seq", "at", "conn", "client", "name", "req_id", "delta", "total")
+
+    def meta(self) -> dict[str, str]:
+        try:
+            return {str(k): str(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read database {self.path}: {exc}") from exc
+
+    def rows(
+        self, since: int = 0, client: str | None = None, tail: int | None = None
+    ) -> Iterator[tuple[object, ...]]:
+        """Update rows after ``since``, in seq order, as stored (``ROW_COLUMNS``).
+
+        ``client`` keeps the rows of that client id or display name; ``tail`` only the last
+        that many.
+        """
+        where = "seq > ?"
+        params: list[object] = [since]
+        if client is not None:
+            where += " AND (client = ? OR name = ?)"
+            params += [client, client]
+        columns = ", ".join(self.ROW_COLUMNS)
+        try:
+            if tail is not None:
+                query = f"SELECT {columns} FROM updates WHERE {where} ORDER BY seq DESC LIMIT ?"
+                yield from reversed(self._db.execute(query, [*params, tail]).fetchall())
+                return
+            cursor = self._db.execute(
+                f"SELECT {columns} FROM updates WHERE {where} ORDER BY seq", params
+            )
+            yield from cursor
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read database {self.path}: {exc}") from exc
+
+    def row(self, seq: int) -> tuple[object, ...] | None:
+        columns = ", ".join(self.ROW_COLUMNS)
+        try:
+            found = self._db.execute(f"SELECT {columns} FROM updates WHERE seq = ?", (seq,))
+            row: tuple[object, ...] | None = found.fetchone()
+            return row
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read database {self.path}: {exc}") from exc
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):

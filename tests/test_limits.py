@@ -1,0 +1,58 @@
+"""Floods and slow consumers: one client's excess never costs the others."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from helpers import JsonClient, ServerFactory, within
+
+
+async def test_a_flooder_is_rate_limited_and_others_are_unaffected(
+    make_server: ServerFactory, clients: list[JsonClient]
+) -> None:
+    server = await make_server(memory=True, rate_limit=200)
+    flooder = await JsonClient.connect(server.url, {"client": "flood"})
+    polite = await JsonClient.connect(server.url, {"client": "polite"})
+    clients.extend([flooder, polite])
+    count = 3000
+    # As fast as the socket takes them, without waiting for a single answer.
+    await asyncio.gather(
+        *(flooder.send({"type": "add", "delta": i % 7 - 3, "id": str(i)}) for i in range(count))
+    )
+    started = time.monotonic()
+    for i in range(10):
+        ack = await polite.add(1, f"p{i}")
+        assert ack["type"] == "ack"
+    polite_seconds = time.monotonic() - started
+    answers: dict[str, dict[str, Any]] = {}
+    async with asyncio.timeout(within(20)):
+        while len(answers) < count:
+            frame = await flooder.recv()
+            if frame["type"] in ("ack", "error"):
+                answers[frame["id"]] = frame
+    acked = [int(i) for i, a in answers.items() if a["type"] == "ack"]
+    limited = [a for a in answers.values() if a["type"] == "error"]
+    assert all(a["code"] == "rate_limited" for a in limited)
+    assert 150 <= len(acked) < count / 2  # about a second's burst, then the refill
+    assert polite_seconds < within(2)
+    # Nothing the flooder was told was applied is missing, and nothing else was applied.
+    expected = sum(i % 7 - 3 for i in acked) + 10
+    assert server.tally.committed_total == expected
+    assert server.tally.committed_seq == len(acked) + 10
+
+
+async def test_plain_flooders_get_a_readable_refusal(make_server: ServerFactory) -> None:
+    from websockets.asyncio.client import connect
+
+    server = await make_server(memory=True, rate_limit=5)
+    async with connect(server.url) as ws:
+        for _ in range(20):
+            await ws.send("1")
+        replies = [await asyncio.wait_for(ws.recv(), within(5)) for _ in range(20)]
+    refused = [r for r in replies if str(r).startswith("error: too many adds")]
+    assert len(refused) >= 14
+    assert server.tally.total == 20 - len(refused)
+    assert json.dumps(replies)  # text frames only
