@@ -56,3 +56,38 @@ async def test_plain_flooders_get_a_readable_refusal(make_server: ServerFactory)
     assert len(refused) >= 14
     assert server.tally.total == 20 - len(refused)
     assert json.dumps(replies)  # text frames only
+
+
+async def test_a_reader_that_stays_behind_is_evicted_and_others_keep_up(
+    make_server: ServerFactory, clients: list[JsonClient]
+) -> None:
+    import socket
+
+    from websockets.asyncio.client import connect
+
+    server = await make_server(memory=True, buffer_limit=8 * 1024, slow_timeout=0.5)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    stuck = await connect(server.url, sock=sock, max_queue=1)  # and never reads again
+    watcher = await JsonClient.connect(server.url)
+    sender = await JsonClient.connect(server.url, {"client": "s", "name": "n" * 32})
+    clients.extend([watcher, sender])
+    peer = next(p for p in server.hub.peers if p.mode.value == "plain")
+    peer.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = 0
+    async with asyncio.timeout(within(20)):
+        while peer in server.hub.peers:
+            for _ in range(100):
+                await sender.send({"type": "add", "delta": 1})
+            sent += 100
+            await watcher.items_until(sent)
+            await asyncio.sleep(0.01)
+    assert server.hub.evicted == 1
+    assert peer.lagged >= 1
+    # The watcher that kept reading saw every update, in order, while this happened.
+    assert [i["seq"] for i in watcher.items()] == list(range(1, sent + 1))
+    # Neither the stuck client nor the sender (which never read its broadcasts) would
+    # complete a closing handshake quickly: drop them.
+    stuck.transport.abort()
+    sender.ws.transport.abort()

@@ -25,6 +25,8 @@ __all__ = ["Hub", "Mode", "Peer"]
 log = logsetup.get_logger("wstally.hub")
 
 OPEN = State.OPEN
+# Close code for a client evicted for not reading (application range, see protocol.md).
+SLOW_CONSUMER = 4008
 
 
 class Mode(enum.Enum):
@@ -119,6 +121,7 @@ class Hub:
         buffer_limit: int = 256 * 1024,
         presence_interval: float = 0.1,
         flush_interval: float = 0.002,
+        slow_timeout: float = 5.0,
         resync_interval: float = 0.02,
         on_resync: Callable[[Peer], None] | None = None,
     ) -> None:
@@ -135,6 +138,7 @@ class Hub:
         # per update per client. On loopback a write costs a few microseconds, so at 1,000
         # clients x 1,000 updates/s a write per update would take the whole core.
         self.flush_interval = flush_interval
+        self.slow_timeout = slow_timeout
         self._last_flush = 0.0
         self._flush_cost = 0.0  # how long the last broadcast took
         self.resync_interval = resync_interval
@@ -156,6 +160,7 @@ class Hub:
         self.frames_flushed = 0
         self.deliveries = 0
         self.skipped = 0
+        self.evicted = 0
 
     # Registry
 
@@ -368,6 +373,8 @@ class Hub:
                 peer.drained.set()
                 continue
             if ws.transport.get_write_buffer_size() > self.resume_below:
+                if asyncio.get_running_loop().time() - peer.lag_since > self.slow_timeout:
+                    self._evict(peer)
                 continue
             del self.lagging[peer]
             peer.lagging = False
@@ -387,6 +394,24 @@ class Hub:
             self._resync_handle = loop.call_later(
                 self.resync_interval, self._check_lagging, context=self._context
             )
+
+    def _evict(self, peer: Peer) -> None:
+        """Close a connection that stayed behind for too long: 4008 "slow consumer"."""
+        del self.lagging[peer]
+        self.evicted += 1
+        ws = peer.ws
+        log.warning(
+            "conn.evicted",
+            **peer.context(),
+            buffered=ws.transport.get_write_buffer_size(),
+            lagging_for=round(asyncio.get_running_loop().time() - peer.lag_since, 3),
+            code=SLOW_CONSUMER,
+        )
+        # The close frame queues behind everything it did not read; it is not waited for.
+        ws.protocol.fail(SLOW_CONSUMER, "slow consumer")
+        ws.send_data()
+        asyncio.get_running_loop().call_later(1.0, ws.transport.abort)
+        peer.drained.set()
 
     def close(self) -> None:
         handles = (self._flush_handle, self._own_handle, self._presence_handle, self._resync_handle)

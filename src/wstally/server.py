@@ -99,6 +99,7 @@ class TallyServer:
             total=state.total,
             buffer_limit=config.buffer_limit,
             flush_interval=config.flush_interval,
+            slow_timeout=config.slow_timeout,
             on_resync=self._resynced,
         )
         self.committer = Committer(self.tally, self.store, self.hub)
