@@ -420,6 +420,8 @@ async def test_healthz_and_other_paths(server: TallyServer) -> None:
             "total": 42,
             "clients": 1,
             "epoch": server.tally.epoch,
+            "lagging": 0,
+            "evicted": 0,
         }
     status, _, _ = await http_get(server.port, "/nope")
     assert status == 404

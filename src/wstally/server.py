@@ -247,6 +247,9 @@ class TallyServer:
                 "total": self.tally.committed_total,
                 "clients": self.hub.clients,
                 "epoch": self.hub.epoch,
+                # For monitoring (and the load test): clients behind, and closed for it.
+                "lagging": len(self.hub.lagging),
+                "evicted": self.hub.evicted,
             }
             response = conn.respond(HTTPStatus.OK, json.dumps(body) + "\n")
             # Headers.__setitem__ appends: remove the text/plain type first.

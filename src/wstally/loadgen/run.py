@@ -102,6 +102,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="measure fan-out latency on every Nth seq (default 8)",
     )
     p.add_argument("--server-pid", type=int, help="read CPU and RSS of this local server")
+    p.add_argument(
+        "--stalled",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N more connections that read their snapshot and then stop reading (the "
+        "server must resync or evict them without slowing the others)",
+    )
     p.add_argument("--cafile", metavar="PEM", help="trust this CA for wss:// URLs")
     p.add_argument(
         "--token",
@@ -218,6 +226,7 @@ class LoadTest:
         run_id = secrets.token_hex(4)
         watchers = _split(args.watchers, procs_n)
         senders = _split(args.senders, procs_n)
+        stalled = _split(args.stalled, procs_n)
         per_sender = None
         if args.updates is not None:
             per_sender = max(1, args.updates // max(1, args.senders))
@@ -237,6 +246,7 @@ class LoadTest:
                 reconnect=args.reconnect,
                 run_id=run_id,
                 tls=self.tls,
+                stalled=stalled[i],
                 cafile=args.cafile,
                 token=args.token,
             )
@@ -457,6 +467,10 @@ class LoadTest:
             "fanout_ms": _percentiles(_merge([r["fanout_hist"] for r in good])),
             "snapshots_seen": sum(r["snapshots"] for r in good),
             "reconnects": sum(r["reconnects"] for r in good),
+            "stalled": sum(r["stalled"] for r in good),
+            # A reader that stopped reading cannot see its own eviction: ask the server.
+            "evicted_by_server": int(self.final.get("evicted", 0))
+            - int(self.start.get("evicted", 0)),
             "resent": sum(r["resent"] for r in good),
             "generator_cpu": [round(c, 3) for c in gen_cpu],
             "generator_saturated": any(c > 0.9 for c in gen_cpu),
@@ -491,6 +505,11 @@ class LoadTest:
             f"{f['sent']:,} / {f['acked']:,} / {sum(f['refused'].values()):,}",
         )
         table.add_row("ingest (acked/s)", f"{f['ingest_per_s']:,.0f}")
+        if f["stalled"]:
+            table.add_row(
+                "stalled readers / evicted by the server",
+                f"{f['stalled']} / {f['evicted_by_server']}",
+            )
         if f["reconnects"]:
             table.add_row("reconnects / adds resent", f"{f['reconnects']:,} / {f['resent']:,}")
         table.add_row("deliveries/s", f"{f['deliveries_per_s']:,.0f}")
