@@ -39,9 +39,10 @@ class JsonClient:
     async def connect(cls, url: str, hello: dict[str, Any] | None = None) -> JsonClient:
         ws = await connect(url, subprotocols=[SUBPROTOCOL], open_timeout=within(5))
         client = cls(ws)
-        client.snapshot = await client.expect("snapshot")
+        # Hello first, as real clients do: the server holds the snapshot until it sees it.
         if hello is not None:
             await client.send({"type": "hello", **hello})
+        client.snapshot = await client.expect("snapshot")
         return client
 
     async def send(self, message: dict[str, Any]) -> None:

@@ -68,7 +68,7 @@ async def test_recovers_ten_thousand_updates(
         await writer.items_until(start + 500)
     back = await JsonClient.connect(server.url, {"client": "b", "since": 0, "epoch": epoch})
     clients.append(back)
-    snapshot = await back.expect("snapshot")
+    snapshot = back.snapshot  # connect() waited for the snapshot that ends the replay
     assert snapshot["recovered"] is True
     assert snapshot["seq"] == 10_000
     assert [i["seq"] for i in back.items()] == list(range(1, 10_001))
@@ -86,7 +86,7 @@ async def test_other_history_or_impossible_since_gets_a_plain_snapshot(
     ):
         client = await JsonClient.connect(server.url, {"client": "c", **hello})
         clients.append(client)
-        snapshot = await client.expect("snapshot")
+        snapshot = client.snapshot
         assert snapshot["recovered"] is False
         assert reason in snapshot["reason"]
         assert (snapshot["seq"], snapshot["total"]) == (1, 3)
@@ -104,7 +104,7 @@ async def test_history_no_longer_kept_gets_a_plain_snapshot(
         server.url, {"client": "c", "since": 2, "epoch": server.tally.epoch}
     )
     clients.append(back)
-    snapshot = await back.expect("snapshot")
+    snapshot = back.snapshot
     assert snapshot["recovered"] is False
     assert "no longer kept" in snapshot["reason"]
     assert snapshot["seq"] == 30

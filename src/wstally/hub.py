@@ -51,6 +51,7 @@ class Peer:
         "duplicates",
         "frames_out",
         "greeted",
+        "hold",
         "id",
         "lag_seq",
         "lag_since",
@@ -77,7 +78,10 @@ class Peer:
         # Token bucket of the add rate limit: tokens left, and when it was last topped up.
         self.bucket = float("inf")
         self.bucket_at = 0.0
-        self.recovering = False  # missed updates are being replayed: hold broadcasts
+        # Broadcasts held: a new connection waiting for its hello, or a replay of missed
+        # updates in progress.
+        self.recovering = False
+        self.hold: asyncio.TimerHandle | None = None
         # Frames for this connection alone, written at the next flush.
         self.outbox: list[bytes] = []
         # The client count this peer last heard of, in a snapshot or a presence frame.
@@ -164,16 +168,39 @@ class Hub:
 
     # Registry
 
-    def register(self, peer: Peer) -> None:
+    def register(self, peer: Peer, hold: float = 0.0) -> None:
+        """Add a connection. A JSON one gets its snapshot now, or, with ``hold``, when
+        its first message arrives or ``hold`` seconds pass: a returning client's hello may
+        ask for a replay, which must come before any live update (see ``release``)."""
         self.peers[peer] = None
         if peer.mode is Mode.JSON:
-            self.send(peer, self.snapshot(peer))
+            if hold > 0:
+                peer.recovering = True
+                peer.hold = asyncio.get_running_loop().call_later(
+                    hold, self.release, peer, context=self._context
+                )
+            else:
+                self.send(peer, self.snapshot(peer))
         self._presence_changed()
+
+    def release(self, peer: Peer) -> None:
+        """End a hold: the snapshot at the current position, then live updates."""
+        self.cancel_hold(peer)
+        if peer.recovering and peer in self.peers:
+            peer.recovering = False
+            self.send(peer, self.snapshot(peer))
+
+    def cancel_hold(self, peer: Peer) -> None:
+        """End a hold's timer only: the caller answers the peer itself (a replay)."""
+        if peer.hold is not None:
+            peer.hold.cancel()
+            peer.hold = None
 
     def unregister(self, peer: Peer) -> None:
         if peer not in self.peers:
             return
         del self.peers[peer]
+        self.cancel_hold(peer)
         self.lagging.pop(peer, None)
         self._dirty.pop(peer, None)
         peer.drained.set()

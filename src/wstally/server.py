@@ -32,7 +32,7 @@ from websockets.typing import Origin, Subprotocol
 from wstally import __version__, logsetup, protocol
 from wstally.committer import Committer
 from wstally.hub import Hub, Mode, Peer
-from wstally.protocol import SUBPROTOCOL, Add, ProtocolError
+from wstally.protocol import SUBPROTOCOL, Add, Hello, ProtocolError
 from wstally.stats import StatsLogger
 from wstally.store import MemoryStore, SQLiteStore, Store, StoreError
 from wstally.tally import Duplicate, Refused, Tally, Update
@@ -49,6 +49,9 @@ REFUSALS_LOGGED = 20
 # A returning client gets at most this many missed updates replayed; further behind, it
 # gets a snapshot. Chunks keep each replayed frame well under the client's frame limits.
 MAX_RECOVERY = 100_000
+# A new JSON connection's snapshot waits this long for its hello (or any first message),
+# so that a returning client's replay can precede every live update. Send hello at once.
+HELLO_WINDOW = 0.05
 RECOVERY_CHUNK = 1_000
 
 
@@ -286,7 +289,7 @@ class TallyServer:
         structlog.contextvars.bind_contextvars(**peer.context())
         opened = time.monotonic()
         self.opened += 1
-        self.hub.register(peer)
+        self.hub.register(peer, hold=HELLO_WINDOW)
         agent = ws.request.headers.get("User-Agent") if ws.request is not None else None
         log.info(
             "conn.opened",
@@ -330,6 +333,7 @@ class TallyServer:
         else:
             peer.bytes_in += len(message.encode())
         if isinstance(message, bytes):
+            self.hub.release(peer)
             self._refuse(
                 peer,
                 "binary_unsupported",
@@ -349,8 +353,14 @@ class TallyServer:
         try:
             msg = protocol.parse_json(message)
         except ProtocolError as exc:
+            self.hub.release(peer)
             self._refuse(peer, exc.code, exc.message, exc.req_id, message)
             return
+        if peer.hold is not None:
+            if isinstance(msg, Hello) and msg.since is not None:
+                self.hub.cancel_hold(peer)  # the replay below answers instead of a snapshot
+            else:
+                self.hub.release(peer)
         if isinstance(msg, Add):
             peer.greeted = True
             self._add(peer, msg.delta, msg.req_id, message)
@@ -403,6 +413,7 @@ class TallyServer:
     def _not_recovered(self, peer: Peer, since: int, reason: str) -> None:
         # The snapshot is the current position: live updates continue from it.
         self.hub.send(peer, self.hub.snapshot(peer, recovered=False, reason=reason))
+        peer.recovering = False
         log.info("conn.not_recovered", since=since, reason=reason, seq=self.hub.seq)
 
     def _add(self, peer: Peer, delta: int, req_id: str | None, raw: str) -> None:

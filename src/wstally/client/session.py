@@ -250,22 +250,19 @@ class Session:
             pass
 
     async def _serve(self, ws: ClientConnection) -> None:
-        first = json.loads(await ws.recv())
-        if first.get("type") != "snapshot":
-            raise ConnectionClosed(None, None)
+        # Hello goes first, before anything is read: the server holds the snapshot (or,
+        # for a returning client, the replay of what it missed) until it has seen it.
         hello: dict[str, Any] = {"type": "hello", "client": self.client_id}
         if self.name:
             hello["name"] = self.name
         if self.epoch is not None:
-            # Coming back: ask for what we missed. The server replays it, then confirms with
-            # a snapshot marked "recovered"; the snapshot it sent on connect is superseded.
+            # Coming back: ask for what we missed. The server replays it, then confirms
+            # with a snapshot marked "recovered".
             hello["since"] = self.seq
             hello["epoch"] = self.epoch
             self._recovering = True
         await ws.send(json.dumps(hello))
         self._ws = ws
-        if not self._recovering:
-            self._on_snapshot(first)
         self.state = "connected"
         self._emit(State("connected"))
         self.connected_once.set()
@@ -329,16 +326,19 @@ class Session:
         self._emit(Snapshot(self.epoch, self.seq, self.total, self.clients, missed, new_history))
 
     def _on_updates(self, msg: dict[str, Any]) -> None:
-        items = tuple(
-            Item(int(i["seq"]), int(i["delta"]), int(i["total"]), i.get("by"))
-            for i in msg["items"]
-            if int(i["seq"]) > self.seq
-        )
+        # Only what continues our position counts: during a replay, a live frame that got
+        # ahead of it is dropped (the replay covers it); a repeat is dropped too.
+        items: list[Item] = []
+        seq = self.seq
+        for i in msg["items"]:
+            if int(i["seq"]) == seq + 1 or (not self._recovering and int(i["seq"]) > seq):
+                items.append(Item(int(i["seq"]), int(i["delta"]), int(i["total"]), i.get("by")))
+                seq = items[-1].seq
         if not items:
             return
         self.seq, self.total = items[-1].seq, items[-1].total
         own = frozenset(i.seq for i in items if i.seq in self.own_seqs)
-        self._emit(Updates(items, own))
+        self._emit(Updates(tuple(items), own))
 
     def _on_ack(self, msg: dict[str, Any]) -> None:
         req_id = str(msg.get("id"))

@@ -282,6 +282,11 @@ class Sender:
             await asyncio.sleep(0)
 
 
+def _greet_watcher(plan: Plan, index: int, conn: FrameClient) -> None:
+    # The server holds a new connection's snapshot until its hello (or 50 ms): say it.
+    conn.send(b'{"type":"hello","client":"%s-w%d-%d"}' % (plan.run_id.encode(), plan.index, index))
+
+
 async def _stall(plan: Plan) -> list[FrameClient]:
     """Connections that read their snapshot and then nothing: the slow-consumer probe."""
     stalled: list[FrameClient] = []
@@ -374,6 +379,9 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
         plan, [w.on_text for w in watchers] + [s.on_text for s in senders], connect_hist
     )
     connect_seconds = time.monotonic() - t0
+    for i, conn in enumerate(conns[: plan.watchers]):
+        if conn is not None:
+            _greet_watcher(plan, i, conn)
     for sender, conn in zip(senders, conns[plan.watchers :], strict=True):
         if conn is not None:
             sender.attach(conn)
@@ -402,6 +410,8 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
                 reconnects[0] += 1
                 if i >= plan.watchers:
                     senders[i - plan.watchers].attach(conn)
+                else:
+                    _greet_watcher(plan, i, conn)
                 break
             if closing[0]:
                 return
