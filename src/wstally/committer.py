@@ -110,6 +110,8 @@ class Committer:
             except Exception:
                 # Never let one bad round stop every future ack: log it and go on.
                 log.critical("committer.error", exc_info=True)
+                if not self._updates and not self._waiters:
+                    self._idle.set()  # or drain(), at shutdown, would wait for ever
 
     async def _round(self) -> None:
         loop = asyncio.get_running_loop()

@@ -137,7 +137,7 @@ class _Table:
     """Aligned columns for a terminal, streamed: widths are fixed, long values cut."""
 
     HEADER = ("seq", "time (UTC)", "delta", "total", "client", "name", "conn")
-    WIDTHS = (8, 23, 10, 12, 14, 16, 12)
+    WIDTHS = (8, 24, 10, 12, 14, 16, 12)
 
     def __init__(self, out: IO[str], color: bool) -> None:
         self.out = out

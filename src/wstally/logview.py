@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import fnmatch
 import json
+import math
 import os
 import re
 import sys
@@ -108,12 +109,24 @@ def _as_text(value: Any) -> str:
 def _as_number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value)
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if math.isfinite(number) else None
+
+
+def _as_int(value: Any) -> int:
+    """A count from a log line; 0 for anything that is not a finite number."""
+    if type(value) is int:
+        return value
+    number = _as_number(value)
+    return 0 if number is None else int(number)
+
+
+def _key(value: Any) -> Any:
+    """``value`` as a dict key: what JSON gives may be a list or an object."""
+    return value if value is None or isinstance(value, str | int | float) else _as_text(value)
 
 
 @dataclass(slots=True)
@@ -252,9 +265,9 @@ class Filter:
         def match(event: dict[str, Any]) -> bool:
             if exact or glob_re is not None:
                 name = event.get("event")
-                if name not in exact and (
-                    glob_re is None or not isinstance(name, str) or not glob_re.match(name)
-                ):
+                if not isinstance(name, str):
+                    return False
+                if name not in exact and (glob_re is None or not glob_re.match(name)):
                     return False
             if level and LEVELS.get(str(event.get("level")), 0) < level:
                 return False
@@ -383,8 +396,9 @@ def _value(value: Any) -> str:
 
 
 def _short_ts(ts: Any) -> str:
-    if isinstance(ts, str) and len(ts) >= 20 and ts[10] == "T":
-        return f"{ts[:10]} {ts[11:23]}Z" if ts.endswith("Z") else f"{ts[:10]} {ts[11:]}"
+    normal = _normal_ts(ts)
+    if normal is not None:
+        return f"{normal[:10]} {normal[11:23]}Z"
     return safe(str(ts)) if ts is not None else "-"
 
 
@@ -424,8 +438,8 @@ def _format_exception(exc: Any) -> str:
         for item in exc:
             if not isinstance(item, dict):
                 continue
-            frames = item.get("frames") or []
-            if frames and isinstance(frames[-1], dict):
+            frames = item.get("frames")
+            if isinstance(frames, list) and frames and isinstance(frames[-1], dict):
                 f = frames[-1]
                 where = f"{f.get('filename')}:{f.get('lineno')} in {f.get('name')}"
                 lines.append(f"    at {safe(where)}")
@@ -562,15 +576,14 @@ class Summary:
         figures = self._client(event)
         figures.connections += 1
         figures.seconds += _as_number(event.get("duration")) or 0.0
-        figures.adds += int(_as_number(event.get("applied")) or 0)
-        figures.refused += int(_as_number(event.get("refused")) or 0)
-        figures.lagged += int(_as_number(event.get("lagged")) or 0)
-        messages = int(_as_number(event.get("messages_in")) or 0)
+        figures.adds += _as_int(event.get("applied"))
+        figures.refused += _as_int(event.get("refused"))
+        figures.lagged += _as_int(event.get("lagged"))
+        messages = _as_int(event.get("messages_in"))
         figures.messages += messages
-        code = event.get("code")
-        entry = self.close_codes.setdefault(code, [0, {}])
+        entry = self.close_codes.setdefault(_key(event.get("code")), [0, {}])
         entry[0] += 1
-        reason = event.get("reason")
+        reason = _key(event.get("reason"))
         if reason:
             entry[1][reason] = entry[1].get(reason, 0) + 1
         _top(
@@ -875,6 +888,11 @@ def run(args: argparse.Namespace) -> int:
         flt = Filter.from_args(args)
     except LogsError as exc:
         print(f"wstally logs: error: {exc}", file=sys.stderr)
+        return 2
+    if args.summary and args.follow:
+        print(
+            "wstally logs: error: --summary reads to the end; it cannot --follow", file=sys.stderr
+        )
         return 2
     out = sys.stdout.buffer
     summary = Summary(args.top) if args.summary else None
