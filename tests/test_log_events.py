@@ -395,6 +395,58 @@ async def test_lagging_and_resync_name_the_slow_connection(
     assert closed[0]["lagged"] == 1
 
 
+async def test_recovered_and_not_recovered(
+    make_server: ServerFactory, events: Events, clients: list[JsonClient]
+) -> None:
+    server = await make_server(memory=True)
+    writer = await JsonClient.connect(server.url, {"client": "w"})
+    clients.append(writer)
+    for i in range(3):
+        await writer.add(1, f"w{i}")
+    await writer.items_until(3)  # published, not only acked
+    epoch = writer.snapshot["epoch"]
+    back = await JsonClient.connect(server.url, {"client": "r", "since": 1, "epoch": epoch})
+    lost = await JsonClient.connect(server.url, {"client": "n", "since": 1, "epoch": "other"})
+    clients.extend([back, lost])
+    recovered = await events.wait("conn.recovered")
+    assert recovered["log_level"] == "info"
+    assert fields(recovered) == HELLO | {"since", "updates", "seq"}
+    assert (recovered["client"], recovered["since"], recovered["updates"]) == ("r", 1, 2)
+    refused = await events.wait("conn.not_recovered")
+    assert refused["log_level"] == "info"
+    assert fields(refused) == HELLO | {"since", "reason", "seq"}
+    assert (refused["client"], refused["seq"]) == ("n", 3)
+    assert "epoch" in refused["reason"]
+
+
+async def test_evicted_slow_consumer(make_server: ServerFactory, events: Events) -> None:
+    server = await make_server(memory=True, buffer_limit=8 * 1024, slow_timeout=0.1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    slow = await connect(server.url, sock=sock, max_queue=1)
+    sender = await JsonClient.connect(server.url, {"client": "sender"})
+    peer = next(p for p in server.hub.peers if p.mode.value == "plain")
+    peer.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = 0
+    async with asyncio.timeout(within(20)):
+        while not events.named("conn.evicted"):
+            for _ in range(100):
+                await sender.send({"type": "add", "delta": 1})
+            sent += 100
+            await sender.items_until(sent)
+    evicted = events.one("conn.evicted")
+    assert evicted["log_level"] == "warning"
+    assert fields(evicted) == CONTEXT | {"buffered", "lagging_for", "code"}
+    assert (evicted["conn"], evicted["code"]) == (peer.id, 4008)
+    assert evicted["lagging_for"] >= 0.1
+    slow.transport.abort()
+    await sender.close()
+    await events.until(lambda: [e for e in events.named("conn.closed") if e["conn"] == peer.id])
+    closed = next(e for e in events.named("conn.closed") if e["conn"] == peer.id)
+    assert closed["lagged"] == 1
+
+
 async def test_every_line_is_json_with_time_level_event_and_connection(
     make_server: ServerFactory,
 ) -> None:

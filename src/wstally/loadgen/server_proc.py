@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -25,6 +26,12 @@ def healthz(
         return body
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class SpawnedServer:
     """``wstally serve`` (or another server command) on a free loopback port."""
 
@@ -40,26 +47,29 @@ class SpawnedServer:
             command = ["taskset", "-c", cpus, *command]
         self.log_path = Path(self.tmp.name) / "server.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        port = _free_port()
         self.proc = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", "0"],
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
         )
         self.host = "127.0.0.1"
-        self.port = self._wait_for_port()
+        self.port = self._wait_for_health(port)
 
-    def _wait_for_port(self) -> int:
+    def _wait_for_health(self, port: int) -> int:
+        # Polling /healthz rather than reading the log: it works at any --log-level and
+        # for servers that log nothing at all.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log_path.read_text()[-2000:]}")
-            for line in self.log_path.read_text().splitlines():
-                if '"server.started"' in line:
-                    port = int(json.loads(line)["port"])
-                    healthz(self.host, port)
-                    return port
-            time.sleep(0.05)
+            try:
+                healthz(self.host, port, timeout=1.0)
+            except OSError:
+                time.sleep(0.05)
+                continue
+            return port
         raise RuntimeError("server did not start within 30 s")
 
     def stop(self) -> None:
