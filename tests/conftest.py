@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from helpers import JsonClient, ServerFactory
+from servers import ServeProcess
 from wstally import logsetup
 from wstally.server import ServerConfig, TallyServer
 from wstally.store import SQLiteStore, Store
@@ -49,3 +50,18 @@ async def clients() -> AsyncIterator[list[JsonClient]]:
     yield opened
     for client in opened:
         await client.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Start ``wstally serve`` processes (args as on the command line); all are killed after."""
+    procs: list[ServeProcess] = []
+
+    def start(*args: str) -> ServeProcess:
+        proc = ServeProcess(tmp_path, *args)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.close()

@@ -77,3 +77,12 @@ class ServeProcess:
         found = [e for e in self.events if e.get("event") == name]
         assert found, f"no {name} in {self.raw}"
         return found[-1]
+
+    def close(self) -> None:
+        """Kill the process if it still runs and release its pipes (test teardown)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()

@@ -169,6 +169,4 @@ def test_client_and_load_test_speak_wss(tmp_path: Path, tls_files: tuple[str, st
         assert "PASS" in load.stdout
     finally:
         server.stop()
-        for pipe in (server.proc.stdout, server.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        server.close()

@@ -19,27 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from helpers import within
-from servers import ServeProcess
 from wstally.protocol import SUBPROTOCOL
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Any]:
-    procs: list[ServeProcess] = []
-
-    def start(*args: str) -> ServeProcess:
-        proc = ServeProcess(tmp_path, "--port", "0", *args)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait()
-        for pipe in (proc.proc.stdout, proc.proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 @contextlib.contextmanager
@@ -52,7 +32,7 @@ def json_client(url: str, client: str = "c") -> Iterator[ClientConnection]:
 
 
 def test_sigterm_drains_pending_adds_then_closes_with_1001(serve: Any, tmp_path: Path) -> None:
-    server = serve("--db", str(tmp_path / "t.db"))
+    server = serve("--port", "0", "--db", str(tmp_path / "t.db"))
     count = 300
     acked: dict[str, int] = {}
     refused: set[str] = set()
@@ -77,7 +57,7 @@ def test_sigterm_drains_pending_adds_then_closes_with_1001(serve: Any, tmp_path:
     expected = sum(int(i[1:]) + 1 for i in acked)
     assert stopped["total"] == expected
 
-    again = serve("--db", str(tmp_path / "t.db"))
+    again = serve("--port", "0", "--db", str(tmp_path / "t.db"))
     health = again.health()
     assert health["total"] == expected
     assert health["seq"] == len(acked)
@@ -85,7 +65,7 @@ def test_sigterm_drains_pending_adds_then_closes_with_1001(serve: Any, tmp_path:
 
 
 def test_port_in_use_is_a_clear_error(serve: Any, tmp_path: Path) -> None:
-    first = serve("--memory")
+    first = serve("--port", "0", "--memory")
     result = subprocess.run(
         [sys.executable, "-m", "wstally", "serve", "--memory", "--port", str(first.port)],
         capture_output=True,
@@ -111,7 +91,7 @@ def test_unopenable_database_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_database_in_use_by_another_server_is_refused(serve: Any, tmp_path: Path) -> None:
-    first = serve("--db", "shared.db")
+    first = serve("--port", "0", "--db", "shared.db")
     assert first.port
     result = subprocess.run(
         [sys.executable, "-m", "wstally", "serve", "--port", "0", "--db", "shared.db"],
@@ -126,7 +106,7 @@ def test_database_in_use_by_another_server_is_refused(serve: Any, tmp_path: Path
 
 
 def test_default_database_is_created_in_the_working_directory(serve: Any, tmp_path: Path) -> None:
-    server = serve()
+    server = serve("--port", "0")
     with connect(server.url) as plain:
         plain.send("5")
         assert plain.recv(timeout=within(5), decode=True) == "Server records total=5"
@@ -135,7 +115,7 @@ def test_default_database_is_created_in_the_working_directory(serve: Any, tmp_pa
 
 
 def test_the_websockets_command_line_client_works_in_plain_mode(serve: Any) -> None:
-    server = serve("--memory")
+    server = serve("--port", "0", "--memory")
     cli = subprocess.Popen(
         [sys.executable, "-m", "websockets", server.url],
         stdin=subprocess.PIPE,
@@ -178,7 +158,7 @@ def test_the_websockets_command_line_client_works_in_plain_mode(serve: Any) -> N
 
 
 def test_logs_go_through_one_json_chain(serve: Any) -> None:
-    server = serve("--memory")
+    server = serve("--port", "0", "--memory")
     with connect(server.url) as plain:
         plain.send("oops")
         assert plain.recv(timeout=within(5), decode=True).startswith("error: ")

@@ -18,27 +18,6 @@ import pexpect
 import pytest
 
 from helpers import within
-from servers import ServeProcess
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Any]:
-    procs: list[ServeProcess] = []
-
-    def start(*args: str) -> ServeProcess:
-        proc = ServeProcess(tmp_path, *args)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait()
-        for pipe in (proc.proc.stdout, proc.proc.stderr):
-            if pipe is not None:
-                pipe.close()
-
 
 if TYPE_CHECKING:
     Term = pexpect.spawn[str]

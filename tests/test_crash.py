@@ -75,12 +75,7 @@ def test_sigkill_mid_run_loses_nothing_and_counts_nothing_twice(
             load.kill()
             load.communicate()
         for server in servers:
-            if server.proc.poll() is None:
-                server.proc.kill()
-                server.proc.wait()
-            for pipe in (server.proc.stdout, server.proc.stderr):
-                if pipe is not None:
-                    pipe.close()
+            server.close()
     assert load.returncode == 0, output
     report = json.loads(out.read_text())
     assert report["pass"] is True

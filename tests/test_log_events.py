@@ -551,12 +551,7 @@ def test_server_signal_then_forced_exit(tmp_path: Path) -> None:
         assert server.stop(signal.SIGTERM) == 1
         raw.close()
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
-        for pipe in (server.proc.stdout, server.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        server.close()
     first = server.event("server.signal")
     assert (first["level"], first["signal"]) == ("info", "SIGTERM")
     forced = server.event("server.forced_exit")
