@@ -277,7 +277,10 @@ class Hub:
         ``force`` (at shutdown) also writes lagging peers their own frames (acks, errors),
         whatever their buffers hold: they are about to be closed and must not lose an ack.
         """
-        self._flush_handle = None
+        if self._flush_handle is not None:
+            # Called directly (presence, shutdown): the scheduled flush would only repeat us.
+            self._flush_handle.cancel()
+            self._flush_handle = None
         started = self._last_flush = asyncio.get_running_loop().time()
         updates, self._pending = self._pending, []
         json_frame: bytes | None = None

@@ -206,6 +206,10 @@ class TallyServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stats_task
         await self.committer.drain()
+        # Replays in progress would read from a store about to close.
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self.hub.flush(force=True)
         for peer in list(self.hub.peers):
             peer.drained.set()
@@ -398,7 +402,12 @@ class TallyServer:
             rows: list[Update] = []
             cursor = since
             while cursor < hub.seq:
-                batch = await self.committer.read(self.store.history, cursor, hub.seq - cursor)
+                try:
+                    batch = await self.committer.read(self.store.history, cursor, hub.seq - cursor)
+                except Exception as exc:
+                    # Whatever failed, the client must not be left waiting for a replay.
+                    log.error("conn.recovery_failed", since=since, error=str(exc))
+                    return self._not_recovered(peer, since, "history unavailable")
                 if not batch or batch[0].seq != cursor + 1:
                     return self._not_recovered(peer, since, "those updates are no longer kept")
                 rows.extend(batch)
@@ -420,8 +429,8 @@ class TallyServer:
         rate = self.config.rate_limit
         if rate:
             now = time.monotonic()
-            # A second's worth of burst; refilled continuously.
-            tokens = min(rate, peer.bucket + (now - peer.bucket_at) * rate)
+            # A second's worth of burst (at least one add); refilled continuously.
+            tokens = min(max(rate, 1.0), peer.bucket + (now - peer.bucket_at) * rate)
             peer.bucket_at = now
             if tokens < 1.0:
                 peer.bucket = tokens

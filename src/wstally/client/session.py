@@ -104,6 +104,7 @@ T = TypeVar("T")
 
 # Refusals that say "not now" rather than "never": keep the add and resend it.
 TRANSIENT = frozenset({"shutting_down", "store_failed"})
+RETRY_TRANSIENT = 0.5  # seconds before such an add is sent again
 
 
 class Session:
@@ -144,6 +145,7 @@ class Session:
         self._closing = False
         self._closer: asyncio.Future[None] | None = None
         self._recovering = False
+        self._sent: set[str] = set()  # ids sent on the current connection
         self._settled = asyncio.Event()
         self._settled.set()
 
@@ -285,7 +287,7 @@ class Session:
 
     async def _send(self, ws: ClientConnection) -> None:
         # Everything unacked goes out again, in order, with its original id.
-        sent: set[str] = set()
+        sent = self._sent = set()
         while not self._closing:
             batch = [(i, d) for i, d in self.outbox.items() if i not in sent]
             for req_id, delta in batch:
@@ -299,10 +301,13 @@ class Session:
         async for raw in ws:
             if isinstance(raw, bytes):
                 continue
-            msg = json.loads(raw)
-            handler = getattr(self, "_on_" + str(msg.get("type")), None)
-            if handler is not None:
-                handler(msg)
+            try:
+                msg = json.loads(raw)
+                handler = getattr(self, "_on_" + str(msg.get("type")), None)
+                if handler is not None:
+                    handler(msg)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a frame we cannot read is not worth the connection
 
     # Server messages
 
@@ -311,7 +316,7 @@ class Session:
             if "recovered" not in msg:
                 return  # the connect-time snapshot: the replay follows
             self._recovering = False
-            if msg["recovered"]:
+            if msg["recovered"] and int(msg["seq"]) == self.seq:
                 self.clients = int(msg["clients"])
                 self._emit(
                     Snapshot(self.epoch or "", self.seq, self.total, self.clients, recovered=True)
@@ -359,12 +364,19 @@ class Session:
         if isinstance(req_id, str) and code not in TRANSIENT:
             delta = self.outbox.pop(req_id, None)
             self.refused += 1
+        elif isinstance(req_id, str) and req_id in self.outbox:
+            # "Not now": send it again shortly, same id, on this connection or the next.
+            asyncio.get_running_loop().call_later(RETRY_TRANSIENT, self._retry, req_id)
         self._emit(Refused(code, str(msg.get("message")), req_id, delta))
         self._check_settled()
 
     def _on_presence(self, msg: dict[str, Any]) -> None:
         self.clients = int(msg["clients"])
         self._emit(Presence(self.clients))
+
+    def _retry(self, req_id: str) -> None:
+        self._sent.discard(req_id)
+        self._wake.set()
 
     def _check_settled(self) -> None:
         if not self.outbox:
