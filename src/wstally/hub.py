@@ -46,7 +46,6 @@ class Peer:
         "bytes_out",
         "client",
         "clients_seen",
-        "closing",
         "drained",
         "duplicates",
         "frames_out",
@@ -97,7 +96,6 @@ class Peer:
         self.refused = 0
         self.frames_out = 0
         self.bytes_out = 0
-        self.closing = False
         # Set while the connection keeps up; the handler waits on it before reading more,
         # so a client that does not read cannot make us queue unbounded acks for it.
         self.drained = asyncio.Event()
@@ -335,7 +333,7 @@ class Hub:
     ) -> None:
         """Write ``own`` (this peer's acks, errors...) then ``shared`` (the broadcast)."""
         ws = peer.ws
-        if ws.protocol.state is not OPEN or peer.closing:
+        if ws.protocol.state is not OPEN:
             return
         transport = ws.transport
         buffered = transport.get_write_buffer_size()
