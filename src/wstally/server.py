@@ -399,23 +399,29 @@ class TallyServer:
             return self._not_recovered(peer, since, f"more than {MAX_RECOVERY} updates behind")
         peer.recovering = True
         try:
-            rows: list[Update] = []
+            replayed = 0
             cursor = since
+            # A chunk at a time: commits (and so acks) take turns with the reads on the
+            # store's thread, and the loop is never held for more than one chunk's encoding.
             while cursor < hub.seq:
                 try:
-                    batch = await self.committer.read(self.store.history, cursor, hub.seq - cursor)
+                    batch = await self.committer.read(
+                        self.store.history, cursor, min(hub.seq - cursor, RECOVERY_CHUNK)
+                    )
                 except Exception as exc:
                     # Whatever failed, the client must not be left waiting for a replay.
                     log.error("conn.recovery_failed", since=since, error=str(exc))
                     return self._not_recovered(peer, since, "history unavailable")
                 if not batch or batch[0].seq != cursor + 1:
+                    # Whatever was replayed so far is superseded by the snapshot.
                     return self._not_recovered(peer, since, "those updates are no longer kept")
-                rows.extend(batch)
+                if peer not in hub.peers:
+                    return None  # gone meanwhile
+                hub.send(peer, protocol.encode_updates(batch))
+                replayed += len(batch)
                 cursor = batch[-1].seq
-            for start in range(0, len(rows), RECOVERY_CHUNK):
-                hub.send(peer, protocol.encode_updates(rows[start : start + RECOVERY_CHUNK]))
             hub.send(peer, hub.snapshot(peer, recovered=True))
-            log.info("conn.recovered", since=since, updates=len(rows), seq=hub.seq)
+            log.info("conn.recovered", since=since, updates=replayed, seq=hub.seq)
         finally:
             peer.recovering = False
 
