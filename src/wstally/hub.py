@@ -96,10 +96,16 @@ class Peer:
         self.refused = 0
         self.frames_out = 0
         self.bytes_out = 0
-        # Set while the connection keeps up; the handler waits on it before reading more,
-        # so a client that does not read cannot make us queue unbounded acks for it.
-        self.drained = asyncio.Event()
-        self.drained.set()
+        # While the connection lags: an event the handler waits on before reading more, so
+        # a client that does not read cannot make us queue unbounded acks for it. Made only
+        # when needed: an Event (with its deque) would cost every connection ~0.7 KiB.
+        self.drained: asyncio.Event | None = None
+
+    def resume(self) -> None:
+        """Let the handler read again (the connection drained, closed or was evicted)."""
+        if self.drained is not None:
+            self.drained.set()
+            self.drained = None
 
     def context(self) -> dict[str, Any]:
         """The connection's log context, for events logged outside its own task."""
@@ -201,7 +207,7 @@ class Hub:
         self.cancel_hold(peer)
         self.lagging.pop(peer, None)
         self._dirty.pop(peer, None)
-        peer.drained.set()
+        peer.resume()
         self._presence_changed()
 
     @property
@@ -373,7 +379,8 @@ class Hub:
         loop = asyncio.get_running_loop()
         peer.lag_since = loop.time()
         peer.lag_seq = self.seq
-        peer.drained.clear()
+        if peer.drained is None:
+            peer.drained = asyncio.Event()
         self.lagging[peer] = None
         self.skipped += 1
         peer.outbox = own + peer.outbox
@@ -398,7 +405,7 @@ class Hub:
             ws = peer.ws
             if ws.protocol.state is not OPEN:
                 del self.lagging[peer]
-                peer.drained.set()
+                peer.resume()
                 continue
             if ws.transport.get_write_buffer_size() > self.resume_below:
                 if asyncio.get_running_loop().time() - peer.lag_since > self.slow_timeout:
@@ -414,7 +421,7 @@ class Hub:
             own, peer.outbox = peer.outbox, []
             self._write(peer, own, [])
             if not peer.lagging:
-                peer.drained.set()
+                peer.resume()
                 if self.on_resync is not None:
                     self.on_resync(peer)
         if self.lagging and self._resync_handle is None:
@@ -439,7 +446,7 @@ class Hub:
         ws.protocol.fail(SLOW_CONSUMER, "slow consumer")
         ws.send_data()
         asyncio.get_running_loop().call_later(1.0, ws.transport.abort)
-        peer.drained.set()
+        peer.resume()
 
     def close(self) -> None:
         handles = (self._flush_handle, self._own_handle, self._presence_handle, self._resync_handle)

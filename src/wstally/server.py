@@ -212,7 +212,7 @@ class TallyServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.hub.flush(force=True)
         for peer in list(self.hub.peers):
-            peer.drained.set()
+            peer.resume()
         self._server.close(close_connections=True)
         try:
             # A client that stopped reading never lets its close handshake through:
@@ -510,6 +510,8 @@ class TallyServer:
 
 async def _until_drained(peer: Peer, ws: ServerConnection) -> None:
     # Also return when the connection closes, or the handler would never finish.
+    if peer.drained is None:
+        return
     drained = asyncio.ensure_future(peer.drained.wait())
     closed = asyncio.ensure_future(ws.wait_closed())
     await asyncio.wait([drained, closed], return_when=asyncio.FIRST_COMPLETED)
