@@ -66,26 +66,25 @@ def test_sigterm_drains_pending_adds_then_closes_with_1001(serve: Any, tmp_path:
 
 def test_port_in_use_is_a_clear_error(serve: Any, tmp_path: Path) -> None:
     first = serve("--port", "0", "--memory")
-    result = subprocess.run(
-        [sys.executable, "-m", "wstally", "serve", "--memory", "--port", str(first.port)],
-        capture_output=True,
-        text=True,
-        timeout=within(20),
-        cwd=tmp_path,
-    )
+    result = run_serve(tmp_path, "--memory", "--port", str(first.port))
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{first.port}: address already in use" in result.stderr
     assert first.stop() == 0
 
 
-def test_unopenable_database_is_a_clear_error(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "wstally", "serve", "--port", "0", "--db", "/nonexistent/x.db"],
+def run_serve(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``wstally serve`` expected to fail at start: its exit status and messages."""
+    return subprocess.run(
+        [sys.executable, "-m", "wstally", "serve", *args],
         capture_output=True,
         text=True,
         timeout=within(20),
-        cwd=tmp_path,
+        cwd=cwd,
     )
+
+
+def test_unopenable_database_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_serve(tmp_path, "--port", "0", "--db", "/nonexistent/x.db")
     assert result.returncode == 1
     assert "cannot open database /nonexistent/x.db" in result.stderr
 
@@ -93,13 +92,7 @@ def test_unopenable_database_is_a_clear_error(tmp_path: Path) -> None:
 def test_database_in_use_by_another_server_is_refused(serve: Any, tmp_path: Path) -> None:
     first = serve("--port", "0", "--db", "shared.db")
     assert first.port
-    result = subprocess.run(
-        [sys.executable, "-m", "wstally", "serve", "--port", "0", "--db", "shared.db"],
-        capture_output=True,
-        text=True,
-        timeout=within(20),
-        cwd=tmp_path,
-    )
+    result = run_serve(tmp_path, "--port", "0", "--db", "shared.db")
     assert result.returncode == 1
     assert "in use by another wstally server" in result.stderr
     assert first.stop() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wstally.protocol import (
+    ERROR_CODES,
+    JSON_PARSE_ERRORS,
     MAX_ID,
     MAX_NAME,
     MAX_PLAIN_LEN,
@@ -413,15 +416,7 @@ def test_parse_json_arbitrary_text(text: str) -> None:
     try:
         result = parse_json(text)
     except ProtocolError as error:
-        assert error.code in {
-            "bad_json",
-            "bad_message",
-            "unknown_type",
-            "bad_delta",
-            "bad_id",
-            "bad_client",
-            "bad_name",
-        }
+        assert error.code in JSON_PARSE_ERRORS
     else:
         assert isinstance(result, Hello | Add)
 
@@ -665,3 +660,8 @@ def test_unprintable_ids_are_refused(req_id: str) -> None:
     with pytest.raises(ProtocolError) as refused:
         parse_json(json.dumps({"type": "add", "delta": 1, "id": req_id}))
     assert refused.value.code == "bad_id"
+
+
+def test_every_error_code_is_documented() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    assert [code for code in sorted(ERROR_CODES) if f"`{code}`" not in doc] == []

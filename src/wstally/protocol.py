@@ -18,6 +18,8 @@ from websockets.typing import Subprotocol
 from wstally.tally import Update, in_int64
 
 __all__ = [
+    "ERROR_CODES",
+    "JSON_PARSE_ERRORS",
     "MAX_FRAME",
     "MAX_ID",
     "MAX_NAME",
@@ -50,6 +52,30 @@ MAX_PLAIN_LEN = 40
 # ASCII only: str.isdigit() and \d accept other scripts' digits (e.g. Arabic-Indic), and
 # int() accepts underscores, neither of which a plain client means.
 _PLAIN_RE = re.compile(r"[ \t\r\n]*([+-]?)([0-9]+)[ \t\r\n]*", re.ASCII)
+
+
+# Every error code, in one place: docs/protocol.md's table and the tests follow this.
+JSON_PARSE_ERRORS = frozenset(
+    {
+        "bad_json",
+        "bad_message",
+        "unknown_type",
+        "bad_delta",
+        "bad_id",
+        "bad_client",
+        "bad_name",
+        "bad_since",
+    }
+)
+ERROR_CODES = JSON_PARSE_ERRORS | {
+    "bad_number",  # plain mode's parse error
+    "overflow",
+    "hello_late",
+    "binary_unsupported",
+    "rate_limited",
+    "shutting_down",
+    "store_failed",
+}
 
 
 class ProtocolError(Exception):
