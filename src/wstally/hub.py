@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from wstally import logsetup, protocol
+from wstally.flow import Flow
 from wstally.tally import Update
 
 __all__ = ["Hub", "Mode", "Peer"]
@@ -27,6 +28,10 @@ log = logsetup.get_logger("wstally.hub")
 OPEN = State.OPEN
 # Close code for a client evicted for not reading (application range, see protocol.md).
 SLOW_CONSUMER = 4008
+# Updates written per flush, at most: what a slow watcher can add to its buffer in one go
+# past --buffer-limit (8 frames). A longer backlog leaves in the next flush, and meanwhile
+# holds the flow gate shut so that the senders, not our memory, absorb it.
+MAX_FLUSH = 8 * protocol.UPDATES_PER_FRAME
 
 
 class Mode(enum.Enum):
@@ -52,6 +57,8 @@ class Peer:
         "greeted",
         "hold",
         "id",
+        "invalid",
+        "invalid_at",
         "lag_seq",
         "lag_since",
         "lagged",
@@ -94,6 +101,9 @@ class Peer:
         self.applied = 0
         self.duplicates = 0
         self.refused = 0
+        # Malformed frames in the current one-second window (the invalid-frame budget).
+        self.invalid = 0
+        self.invalid_at = 0.0
         self.frames_out = 0
         self.bytes_out = 0
         # While the connection lags: an event the handler waits on before reading more, so
@@ -132,8 +142,10 @@ class Hub:
         slow_timeout: float = 5.0,
         resync_interval: float = 0.02,
         on_resync: Callable[[Peer], None] | None = None,
+        flow: Flow | None = None,
     ) -> None:
         self.epoch = epoch
+        self.flow = flow if flow is not None else Flow(high=4 * MAX_FLUSH, low=MAX_FLUSH)
         # The last *published* (committed and broadcast) position: what a new client's
         # snapshot says, so that the next updates frame it receives continues it exactly.
         self.seq = seq
@@ -237,7 +249,16 @@ class Hub:
     def publish(self, updates: Sequence[Update]) -> None:
         """Queue committed updates for every connection, in seq order."""
         self._pending.extend(updates)
+        self.flow.level("broadcast", len(self._pending))
         self._schedule()
+
+    def flush_own(self, peer: Peer, limit: int | None = None) -> None:
+        """Write ``peer``'s own frames now; past ``limit`` buffered bytes (default: the
+        buffer limit) it falls behind instead, and is resumed or evicted like any other."""
+        self._dirty.pop(peer, None)
+        if peer.outbox and not peer.lagging:
+            own, peer.outbox = peer.outbox, []
+            self._write(peer, own, [], limit=limit)
 
     def _flush_own(self) -> None:
         self._own_handle = None
@@ -286,27 +307,31 @@ class Hub:
             self._flush_handle.cancel()
             self._flush_handle = None
         started = self._last_flush = asyncio.get_running_loop().time()
-        updates, self._pending = self._pending, []
-        json_frame: bytes | None = None
+        pending = self._pending
+        if len(pending) <= MAX_FLUSH:
+            updates, self._pending = pending, []
+        else:
+            updates, self._pending = pending[:MAX_FLUSH], pending[MAX_FLUSH:]
+        json_frames: list[bytes] = []
         plain_frames: list[bytes] = []
         if updates:
             last = updates[-1]
             self.seq, self.total = last.seq, last.total
-            json_frame = protocol.encode_updates(updates).encode()
+            json_frames = [f.encode() for f in protocol.encode_updates_frames(updates)]
             plain_frames = [protocol.encode_plain_total(u.total).encode() for u in updates]
         presence: bytes | None = None
         if self._presence_dirty:
             self._presence_dirty = False
             presence = protocol.encode_presence(self.clients).encode()
-        if json_frame is None and presence is None:
+        if not json_frames and presence is None:
             targets: Any = self._dirty
         else:
             targets = self.peers
         self._dirty = {}
-        shared_json = [f for f in (presence, json_frame) if f is not None]
+        shared_json = [presence, *json_frames] if presence is not None else json_frames
         # Peers that already know the count (joins and leaves cancelled out, or their
         # snapshot said so) get the updates without the presence frame.
-        updates_only = [json_frame] if json_frame is not None else []
+        updates_only = json_frames
         clients = self.clients
         if force:
             for peer in self.lagging:
@@ -333,9 +358,17 @@ class Hub:
         if updates:
             self.deliveries += len(updates) * len(self.peers)
             self._flush_cost = asyncio.get_running_loop().time() - started
+        self.flow.level("broadcast", len(self._pending))
+        if self._pending:
+            self._schedule()
 
     def _write(
-        self, peer: Peer, own: list[bytes], shared: list[bytes], force: bool = False
+        self,
+        peer: Peer,
+        own: list[bytes],
+        shared: list[bytes],
+        force: bool = False,
+        limit: int | None = None,
     ) -> None:
         """Write ``own`` (this peer's acks, errors...) then ``shared`` (the broadcast)."""
         ws = peer.ws
@@ -343,7 +376,7 @@ class Hub:
             return
         transport = ws.transport
         buffered = transport.get_write_buffer_size()
-        if not force and buffered > self.buffer_limit:
+        if not force and buffered > (self.buffer_limit if limit is None else limit):
             self._fall_behind(peer, own, buffered)
             return
         send_text = ws.protocol.send_text
@@ -413,8 +446,11 @@ class Hub:
                 continue
             del self.lagging[peer]
             peer.lagging = False
-            # Whatever it missed is summed up by the current position.
-            if peer.mode is Mode.JSON:
+            # Whatever it missed is summed up by the current position; a peer in the middle
+            # of a replay missed nothing (broadcasts are held for it): its replay goes on.
+            if peer.recovering:
+                pass
+            elif peer.mode is Mode.JSON:
                 peer.outbox.append(self.snapshot(peer).encode())
             else:
                 peer.outbox.append(protocol.encode_plain_total(self.total).encode())

@@ -24,6 +24,7 @@ __all__ = [
     "conn_id",
     "enabled_for",
     "get_logger",
+    "redact",
 ]
 
 FORMATS = ("auto", "console", "json")
@@ -76,20 +77,49 @@ def _order_keys(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     return ordered
 
 
+# Secrets (the server's token) that must never reach a log line, whatever path wrote it.
+_SECRETS: set[str] = set()
+REDACTED = "[redacted]"
+
+
+def redact(secret: str) -> None:
+    """Never write ``secret`` to any log: every rendered line is scrubbed of it."""
+    if secret:
+        _SECRETS.add(secret)
+
+
+def _scrub(_logger: Any, _method: str, line: Any) -> Any:
+    # The last processor, after rendering: it sees the exact text that will be written, so
+    # a secret that reached an exception message or a header value is caught too.
+    for secret in _SECRETS:
+        if secret in line:
+            line = line.replace(secret, REDACTED)
+    return line
+
+
 def _formatter(fmt: str, colors: bool = False) -> logging.Formatter:
+    # Tracebacks never show local variables: a handshake's locals hold the token the client
+    # presented and the one expected (a leak found by an attack, see docs/reliability.md).
     renderer: Processor
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors,
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False),
+        )
         extra: list[Processor] = []
     else:
         renderer = structlog.processors.JSONRenderer()
-        extra = [structlog.processors.dict_tracebacks, _order_keys]
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        extra = [tracebacks, _order_keys]
     return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*_shared_processors(), _websocket_context],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *extra,
             renderer,
+            _scrub,
         ],
     )
 

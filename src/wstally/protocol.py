@@ -23,7 +23,9 @@ __all__ = [
     "MAX_FRAME",
     "MAX_ID",
     "MAX_NAME",
+    "MAX_SERVER_FRAME",
     "SUBPROTOCOL",
+    "UPDATES_PER_FRAME",
     "Add",
     "Hello",
     "ProtocolError",
@@ -34,6 +36,7 @@ __all__ = [
     "encode_presence",
     "encode_snapshot",
     "encode_updates",
+    "encode_updates_frames",
     "escape_text",
     "parse_json",
     "parse_plain",
@@ -46,6 +49,12 @@ MAX_FRAME = 8192
 MAX_NAME = 32
 MAX_ID = 64
 MAX_CLIENT = 64
+# No frame the server sends is larger (docs/protocol.md), far below the 1 MiB websockets-based
+# clients accept by default: a backlog goes out as several updates frames, in order. An item
+# is at most ~480 bytes (three int64s and a 32-character name of astral characters, each
+# escaped as a \uXXXX pair), so 256 items stay under 123 KB.
+MAX_SERVER_FRAME = 128 * 1024
+UPDATES_PER_FRAME = 256
 # 19 digits hold every int64; a few more allow leading zeros without inviting huge parses.
 MAX_PLAIN_LEN = 40
 
@@ -265,6 +274,14 @@ def encode_updates(updates: Sequence[Update]) -> str:
     last = updates[-1]
     items = ",".join(map(_encode_item, updates))
     return f'{{"type":"updates","seq":{last.seq},"total":{last.total},"items":[{items}]}}'
+
+
+def encode_updates_frames(updates: Sequence[Update]) -> list[str]:
+    """``updates`` as consecutive frames of at most UPDATES_PER_FRAME items each."""
+    n = UPDATES_PER_FRAME
+    if len(updates) <= n:
+        return [encode_updates(updates)] if updates else []
+    return [encode_updates(updates[i : i + n]) for i in range(0, len(updates), n)]
 
 
 def encode_presence(clients: int) -> str:
