@@ -134,6 +134,9 @@ class GatedStore:
     def history(self, since: int = 0, limit: int | None = None) -> list[Update]:
         return self.inner.history(since, limit)
 
+    def check(self) -> None:
+        self.inner.check()
+
     def close(self) -> None:
         self.gate.set()
         self.inner.close()

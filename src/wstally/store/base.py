@@ -45,4 +45,9 @@ class Store(Protocol):
 
     def history(self, since: int = 0, limit: int | None = None) -> list[Update]: ...
 
+    def check(self) -> None:
+        """Raise StoreError when commits can no longer be made durable where a restart
+        finds them (the file deleted under us). Cheap: called before every commit and
+        periodically when idle, on the same thread as the commits."""
+
     def close(self) -> None: ...

@@ -34,5 +34,8 @@ class MemoryStore:
         rows = [u for u in self._rows if u.seq > since]
         return rows if limit is None else rows[:limit]
 
+    def check(self) -> None:
+        pass  # nothing on disk to lose
+
     def close(self) -> None:
         pass
