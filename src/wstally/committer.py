@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from wstally import logsetup, protocol
+from wstally.flow import Flow
 from wstally.hub import Hub, Mode, Peer
-from wstally.store import Store
+from wstally.store import Store, StoreError
 from wstally.tally import Duplicate, Tally, Update
 
 __all__ = ["CommitWindow", "Committer"]
@@ -31,6 +32,15 @@ STORE_FAILED = "the update could not be stored; total unchanged"
 # A commit slower than this delays every ack waiting on it: worth a warning.
 SLOW_COMMIT = 0.5
 
+# Seconds between the store's health checks when idle (every commit checks anyway): a
+# deleted database file is noticed within about this long even if no add comes.
+CHECK_INTERVAL = 0.5
+
+# At most this many updates per commit: one SQLite transaction of 4,096 rows takes a few
+# milliseconds; what arrives meanwhile waits for the next round (and, past the flow gate's
+# mark, is not read from the sockets at all).
+MAX_BATCH = 4096
+
 
 @dataclass(slots=True)
 class CommitWindow:
@@ -43,10 +53,11 @@ class CommitWindow:
 
 
 class Committer:
-    def __init__(self, tally: Tally, store: Store, hub: Hub) -> None:
+    def __init__(self, tally: Tally, store: Store, hub: Hub, flow: Flow | None = None) -> None:
         self.tally = tally
         self.store = store
         self.hub = hub
+        self.flow = flow if flow is not None else Flow(high=4 * MAX_BATCH, low=MAX_BATCH)
         self._updates: list[Update] = []
         # (peer, update or duplicate) to answer once the batch holding it is committed.
         self._waiters: list[tuple[Peer, Update | Duplicate]] = []
@@ -59,6 +70,11 @@ class Committer:
             else None
         )
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        # Why commits fail (for /healthz), or None: set by a failed commit or check,
+        # cleared by the next good commit.
+        self.degraded: str | None = None
+        self.check_interval = CHECK_INTERVAL
         # Figures for stats: since the start, and since the last take_window().
         self.commits = 0
         self.committed = 0
@@ -71,12 +87,15 @@ class Committer:
         self._debug = logsetup.enabled_for(logging.DEBUG)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="committer")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="committer")
+        self._watcher = loop.create_task(self._watch(), name="store-check")
 
     def add(self, peer: Peer, update: Update) -> None:
         self._updates.append(update)
         if update.req_id is not None:
             self._waiters.append((peer, update))
+        self.flow.level("commit", len(self._updates))
         self._kick()
 
     def duplicate(self, peer: Peer, dup: Duplicate) -> None:
@@ -115,8 +134,8 @@ class Committer:
 
     async def _round(self) -> None:
         loop = asyncio.get_running_loop()
-        batch, self._updates = self._updates, []
-        waiters, self._waiters = self._waiters, []
+        batch, self._updates = self._updates[:MAX_BATCH], self._updates[MAX_BATCH:]
+        waiters = self._take_waiters(batch[-1].seq if batch else self.tally.committed_seq)
         if batch:
             started = time.perf_counter()
             try:
@@ -132,10 +151,39 @@ class Committer:
             self.tally.commit(last.seq, last.total)
             self.hub.publish(batch)
         self._answer(waiters)
-        if not self._updates and not self._waiters:
+        self.flow.level("commit", len(self._updates))
+        if self._updates or self._waiters:
+            self._wakeup.set()  # the rest of a backlog longer than one batch
+        else:
             self._idle.set()
 
+    def _take_waiters(self, last: int) -> list[tuple[Peer, Update | Duplicate]]:
+        """The waiters answerable once everything up to ``last`` is committed: a prefix,
+        so that each connection's answers keep their order."""
+        waiters = self._waiters
+        cut = 0
+        for _peer, item in waiters:
+            if item.seq > last:
+                break
+            cut += 1
+        if cut == len(waiters):
+            self._waiters = []
+            return waiters
+        self._waiters = waiters[cut:]
+        return waiters[:cut]
+
+    async def _watch(self) -> None:
+        # An idle store can lose its file too: look now and then on the store's thread, so
+        # that /healthz and the log tell before the next add finds out.
+        while True:
+            await asyncio.sleep(self.check_interval)
+            try:
+                await self.read(self.store.check)
+            except Exception as exc:
+                self.degraded = _reason(exc)
+
     def _account(self, batch: list[Update], seconds: float) -> None:
+        self.degraded = None
         size = len(batch)
         self.commits += 1
         self.committed += size
@@ -182,6 +230,8 @@ class Committer:
         # Everything applied after the failed batch was built on it: refuse that too, and
         # bring memory back to what the store holds.
         self.failures += 1
+        self.degraded = _reason(exc)
+        self.flow.level("commit", 0)
         later, self._updates = self._updates, []
         waiters += self._waiters
         self._waiters = []
@@ -219,5 +269,12 @@ class Committer:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+
+def _reason(exc: Exception) -> str:
+    # A StoreError speaks to the operator already; anything else is a failed write.
+    return str(exc) if isinstance(exc, StoreError) else f"commit failed: {exc}"

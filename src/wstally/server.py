@@ -27,10 +27,13 @@ import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.typing import Origin, Subprotocol
 
 from wstally import __version__, logsetup, protocol
-from wstally.committer import Committer
+from wstally.committer import MAX_BATCH, Committer
+from wstally.connection import FLOOD, TallyConnection, connection_class
+from wstally.flow import Flow
 from wstally.hub import Hub, Mode, Peer
 from wstally.protocol import SUBPROTOCOL, Add, Hello, ProtocolError
 from wstally.stats import StatsLogger
@@ -52,7 +55,14 @@ MAX_RECOVERY = 100_000
 # A new JSON connection's snapshot waits this long for its hello (or any first message),
 # so that a returning client's replay can precede every live update. Send hello at once.
 HELLO_WINDOW = 0.05
-RECOVERY_CHUNK = 1_000
+RECOVERY_CHUNK = protocol.UPDATES_PER_FRAME
+# Replays read the store and encode on the loop: at most this many at once, so that 600
+# clients asking for 100,000 updates each cannot crowd out the commits (and so the acks).
+MAX_REPLAYS = 2
+# Backlog (updates waiting to be committed, or to be broadcast) above which connections are
+# no longer read, and below which reading resumes: see flow.py.
+FLOW_HIGH = 4 * MAX_BATCH
+FLOW_LOW = MAX_BATCH
 
 
 @dataclass(slots=True)
@@ -78,6 +88,11 @@ class ServerConfig:
     max_connections: int = 20_000
     rate_limit: float = 10_000.0
     slow_timeout: float = 5.0
+    # Frames per second per connection, every kind (pings included); past it: close 1008.
+    # Twice the add rate limit, so that a client at the rate limit never gets near it.
+    frame_limit: int = 20_000
+    # Malformed frames per second per connection (each costs an error frame); past it: 1008.
+    invalid_limit: int = 100
 
     def open_store(self) -> Store:
         return MemoryStore() if self.memory else SQLiteStore(self.db)
@@ -96,6 +111,8 @@ class TallyServer:
         for update in state.recent_ids:
             assert update.req_id is not None
             self.tally.remember(update.scope, update.req_id, update.seq, update.total)
+        self.flow = Flow(high=FLOW_HIGH, low=FLOW_LOW)
+        self._replays = asyncio.Semaphore(MAX_REPLAYS)
         self.hub = Hub(
             epoch=state.epoch,
             seq=state.seq,
@@ -104,8 +121,9 @@ class TallyServer:
             flush_interval=config.flush_interval,
             slow_timeout=config.slow_timeout,
             on_resync=self._resynced,
+            flow=self.flow,
         )
-        self.committer = Committer(self.tally, self.store, self.hub)
+        self.committer = Committer(self.tally, self.store, self.hub, self.flow)
         self.draining = False
         self.stopped = False
         self._tasks: set[asyncio.Future[None]] = set()
@@ -123,6 +141,8 @@ class TallyServer:
 
     async def start(self) -> None:
         _raise_fd_limit()
+        if self.config.token:
+            logsetup.redact(self.config.token)
         self.committer.start()
         cfg = self.config
         try:
@@ -142,6 +162,7 @@ class TallyServer:
                 subprotocols=[Subprotocol(SUBPROTOCOL)],
                 select_subprotocol=_select_subprotocol,
                 process_request=self._process_request,
+                create_connection=connection_class(cfg.frame_limit),
                 compression="deflate" if cfg.compression else None,
                 max_size=protocol.MAX_FRAME,
                 ping_interval=cfg.ping_interval,
@@ -205,6 +226,7 @@ class TallyServer:
             self._stats_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stats_task
+        await self._answer_what_was_read()
         await self.committer.drain()
         # Replays in progress would read from a store about to close.
         for task in list(self._tasks):
@@ -235,9 +257,31 @@ class TallyServer:
             uptime=round(time.time() - self.started_at, 3),
         )
 
+    async def _answer_what_was_read(self) -> None:
+        """Stop reading; let every handler take the frames already read, so each add gets
+        its answer (an ack, or ``shutting_down``) before the close frame, never after it."""
+        peers = list(self.hub.peers)
+        for peer in peers:
+            if isinstance(peer.ws, TallyConnection):
+                peer.ws.hold_reading()
+            peer.resume()
+        self.flow.release_all()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2.0
+        # Polled: websockets' receive queue has no "empty" event to wait on.
+        while loop.time() < deadline and any(  # noqa: ASYNC110
+            isinstance(p.ws, TallyConnection) and p.ws.queued() for p in peers
+        ):
+            await asyncio.sleep(0.001)
+        # One more turn: a handler that took the last frame answers it synchronously.
+        await asyncio.sleep(0)
+
     # HTTP
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        problem = _header_problem(request)
+        if problem is not None:
+            return conn.respond(HTTPStatus.BAD_REQUEST, f"Bad request: {problem}\n")
         path = request.path.partition("?")[0]
         if "Upgrade" in request.headers:
             if path != "/":
@@ -246,24 +290,43 @@ class TallyServer:
                 )
             return self._admit(conn, request)
         if path == "/healthz":
-            body = {
-                "status": "stopping" if self.draining else "ok",
-                # Committed, hence acknowledged: a client that holds an ack finds it here,
-                # even if the broadcast carrying it is still a few milliseconds away.
-                "seq": self.tally.committed_seq,
-                "total": self.tally.committed_total,
-                "clients": self.hub.clients,
-                "epoch": self.hub.epoch,
-                # For monitoring (and the load test): clients behind, and closed for it.
-                "lagging": len(self.hub.lagging),
-                "evicted": self.hub.evicted,
-            }
-            response = conn.respond(HTTPStatus.OK, json.dumps(body) + "\n")
+            status, body = self._health(request)
+            response = conn.respond(status, json.dumps(body) + "\n")
             # Headers.__setitem__ appends: remove the text/plain type first.
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = "application/json"
             return response
+        # The live page (/, /app.js, /app.css): static, so it needs no token; its
+        # WebSocket presents the ?token= the page was opened with.
+        from wstally import web
+
+        page = web.respond(conn, request)
+        if page is not None:
+            return page
         return conn.respond(HTTPStatus.NOT_FOUND, "Not found: try /healthz, or / for WebSocket\n")
+
+    def _health(self, request: Request) -> tuple[HTTPStatus, dict[str, object]]:
+        """503 while the store cannot commit; the details only for holders of the token."""
+        degraded = self.committer.degraded
+        body: dict[str, object] = {
+            "status": "degraded" if degraded else "stopping" if self.draining else "ok"
+        }
+        token = self.config.token
+        if token is None or _presented(request, token):
+            if degraded:
+                body["reason"] = degraded
+            body.update(
+                # Committed, hence acknowledged: a client that holds an ack finds it here,
+                # even if the broadcast carrying it is still a few milliseconds away.
+                seq=self.tally.committed_seq,
+                total=self.tally.committed_total,
+                clients=self.hub.clients,
+                epoch=self.hub.epoch,
+                # For monitoring (and the load test): clients behind, and closed for it.
+                lagging=len(self.hub.lagging),
+                evicted=self.hub.evicted,
+            )
+        return (HTTPStatus.SERVICE_UNAVAILABLE if degraded else HTTPStatus.OK), body
 
     def _admit(self, conn: ServerConnection, request: Request) -> Response | None:
         """Credentials, then capacity: refused here, a client never reaches the handler."""
@@ -293,17 +356,22 @@ class TallyServer:
         structlog.contextvars.bind_contextvars(**peer.context())
         opened = time.monotonic()
         self.opened += 1
-        self.hub.register(peer, hold=HELLO_WINDOW)
-        agent = ws.request.headers.get("User-Agent") if ws.request is not None else None
-        log.info(
-            "conn.opened",
-            clients=self.hub.clients,
-            user_agent=None if agent is None else protocol.escape_text(agent, 80),
-        )
+        # Registered and unregistered in one try/finally: whatever fails in between, the
+        # connection never stays counted (a leak once locked everyone out with 503s).
         try:
+            self.hub.register(peer, hold=HELLO_WINDOW)
+            agent = _first_header(ws.request, "User-Agent")
+            log.info(
+                "conn.opened",
+                clients=self.hub.clients,
+                user_agent=None if agent is None else protocol.escape_text(agent, 80),
+            )
+            flow = self.flow
             async for message in ws:
                 if peer.lagging:
                     await _until_drained(peer, ws)
+                if flow.blocked:
+                    await flow.wait()
                 self._on_message(peer, message)
         except ConnectionClosed:
             pass
@@ -338,6 +406,7 @@ class TallyServer:
             peer.bytes_in += len(message.encode())
         if isinstance(message, bytes):
             self.hub.release(peer)
+            self._invalid(peer)
             self._refuse(
                 peer,
                 "binary_unsupported",
@@ -350,6 +419,7 @@ class TallyServer:
             try:
                 delta = protocol.parse_plain(message)
             except ProtocolError as exc:
+                self._invalid(peer)
                 self._refuse(peer, exc.code, exc.message, None, message)
                 return
             self._add(peer, delta, None, message)
@@ -358,6 +428,7 @@ class TallyServer:
             msg = protocol.parse_json(message)
         except ProtocolError as exc:
             self.hub.release(peer)
+            self._invalid(peer)
             self._refuse(peer, exc.code, exc.message, exc.req_id, message)
             return
         if peer.hold is not None:
@@ -399,11 +470,21 @@ class TallyServer:
             return self._not_recovered(peer, since, f"more than {MAX_RECOVERY} updates behind")
         peer.recovering = True
         try:
-            replayed = 0
-            cursor = since
-            # A chunk at a time: commits (and so acks) take turns with the reads on the
-            # store's thread, and the loop is never held for more than one chunk's encoding.
-            while cursor < hub.seq:
+            await self._replay(peer, since)
+        finally:
+            peer.recovering = False
+
+    async def _replay(self, peer: Peer, since: int) -> None:
+        hub = self.hub
+        ws = peer.ws
+        replayed = 0
+        cursor = since
+        # A chunk at a time: commits (and so acks) take turns with the reads on the store's
+        # thread, and the loop is never held for more than one chunk's encoding.
+        while cursor < hub.seq:
+            # Reading and encoding are bounded (MAX_REPLAYS at once); waiting for a client
+            # to read is not, so a client that never reads cannot hold up anyone's replay.
+            async with self._replays:
                 try:
                     batch = await self.committer.read(
                         self.store.history, cursor, min(hub.seq - cursor, RECOVERY_CHUNK)
@@ -415,15 +496,20 @@ class TallyServer:
                 if not batch or batch[0].seq != cursor + 1:
                     # Whatever was replayed so far is superseded by the snapshot.
                     return self._not_recovered(peer, since, "those updates are no longer kept")
-                if peer not in hub.peers:
+                if peer not in hub.peers or ws.protocol.state is not State.OPEN:
                     return None  # gone meanwhile
-                hub.send(peer, protocol.encode_updates(batch))
+                for frame in protocol.encode_updates_frames(batch):
+                    hub.send(peer, frame)
                 replayed += len(batch)
                 cursor = batch[-1].seq
-            hub.send(peer, hub.snapshot(peer, recovered=True))
-            log.info("conn.recovered", since=since, updates=replayed, seq=hub.seq)
-        finally:
-            peer.recovering = False
+                # Replayed bytes count toward the slow-consumer limit like any others; a
+                # replay also waits for its client sooner (at a quarter of the limit), as
+                # it could otherwise fill the buffer of a client that reads nothing.
+                hub.flush_own(peer, limit=hub.resume_below)
+            if peer.lagging:
+                await _until_drained(peer, ws)
+        hub.send(peer, hub.snapshot(peer, recovered=True))
+        log.info("conn.recovered", since=since, updates=replayed, seq=hub.seq)
 
     def _not_recovered(self, peer: Peer, since: int, reason: str) -> None:
         # The snapshot is the current position: live updates continue from it.
@@ -478,6 +564,26 @@ class TallyServer:
             assert type(result) is Refused
             self._refuse(peer, result.code, result.message, req_id, raw)
 
+    def _invalid(self, peer: Peer) -> None:
+        """Count a malformed frame; a connection sending them in a loop is closed (1008)."""
+        limit = self.config.invalid_limit
+        if not limit:
+            return
+        peer.invalid += 1
+        if peer.invalid <= limit:
+            return
+        now = time.monotonic()
+        if now - peer.invalid_at >= 1.0:
+            peer.invalid_at = now
+            peer.invalid = 1
+            return
+        ws = peer.ws
+        if ws.protocol.state is State.OPEN:
+            log.warning("conn.flood", limit=limit, kind="invalid")
+            ws.protocol.fail(FLOOD, f"too many invalid frames: at most {limit} per second")
+            ws.send_data()
+            asyncio.get_running_loop().call_later(1.0, ws.transport.abort)
+
     def _refuse(self, peer: Peer, code: str, message: str, req_id: str | None, raw: str) -> None:
         peer.refused += 1
         self.refused += 1
@@ -528,9 +634,37 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+# Headers the server (or websockets after it) reads as one value: a repeated one is refused
+# with 400 up front, before anything reads it and trips over the ambiguity.
+SINGLE_HEADERS = (
+    "Authorization",
+    "Host",
+    "Origin",
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "User-Agent",
+)
+
+
+def _header_problem(request: Request) -> str | None:
+    headers = request.headers
+    for name in SINGLE_HEADERS:
+        if len(headers.get_all(name)) > 1:
+            return f"the {name} header is repeated; send it once"
+    return None
+
+
+def _first_header(request: Request | None, name: str) -> str | None:
+    """A header's value, or None; never raises, whatever the client sent."""
+    if request is None:
+        return None
+    values = request.headers.get_all(name)
+    return values[0] if values else None
+
+
 def _presented(request: Request, token: str) -> bool:
     expected = token.encode()
-    header = request.headers.get("Authorization", "")
+    header = _first_header(request, "Authorization") or ""
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected):
         return True

@@ -1,0 +1,366 @@
+"""Hardening II: each attack that once broke the server, reproduced with real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from helpers import GatedStore, JsonClient, ServerFactory, http_get, within
+from servers import ServeProcess
+from wstally import protocol
+from wstally.committer import MAX_BATCH
+from wstally.protocol import SUBPROTOCOL
+from wstally.server import FLOW_HIGH, MAX_RECOVERY
+from wstally.store import MemoryStore
+from wstally.tally import Update
+
+SECRET = "s3cr3t-T0KEN-do-not-log"
+
+
+async def handshake(port: int, *headers: str, path: str = "/") -> tuple[int, bytes]:
+    """A raw WebSocket handshake with exactly these extra header lines; (status, body)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *headers,
+    ]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), within(5))
+    status = int(head.split(b" ", 2)[1])
+    body = b""
+    if status != 101:
+        body = await asyncio.wait_for(reader.read(), within(5))
+    writer.close()
+    return status, body
+
+
+# 1. The token never reaches a log, on any path.
+
+
+REPEATED = [
+    ("Authorization: Bearer x", f"Authorization: Bearer {SECRET}"),
+    (f"Authorization: Bearer {SECRET}", f"Authorization: Bearer {SECRET}"),
+    ("User-Agent: a", "User-Agent: b", f"Authorization: Bearer {SECRET}"),
+    ("Origin: http://a.test", "Origin: http://b.test"),
+    ("Host: other",),
+]
+
+
+async def test_the_token_never_reaches_the_log(
+    serve: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    log_file = tmp_path / "server.log"
+    server = serve(
+        "--memory", "--port", "0", "--token", SECRET, "--log-file", str(log_file),
+        "--log-level", "debug",
+    )  # fmt: skip
+    port = server.port
+    for headers in REPEATED:
+        status, body = await handshake(port, *headers)
+        assert status == 400, (headers, body)
+        assert b"repeated" in body
+        assert SECRET.encode() not in body
+    # A wrong token, a token in the query string, and an accepted one.
+    assert (await handshake(port, "Authorization: Bearer wrong"))[0] == 401
+    assert (await handshake(port, "Authorization: Bearer"))[0] == 401
+    assert (await handshake(port, f"Authorization: Basic {SECRET}"))[0] == 401
+    assert (await handshake(port, path=f"/?token={SECRET}"))[0] == 101
+    async with connect(
+        server.url,
+        subprotocols=[SUBPROTOCOL],
+        additional_headers={"Authorization": f"Bearer {SECRET}"},
+    ) as ws:
+        await ws.recv()
+        await ws.send(f'{{"type":"add","delta":1,"id":"{SECRET}"}}')
+        await ws.send(SECRET)  # not JSON: refused, and the input is logged (escaped)
+        await ws.recv()
+    status, _, _ = await http_get(port, f"/healthz?token={SECRET}")
+    assert status == 200
+    assert server.stop() == 0
+    logged = log_file.read_text() + "".join(server.raw)
+    assert "handshake" in logged or "conn.opened" in logged  # something was logged
+    assert SECRET not in logged
+    assert "[redacted]" in logged
+
+
+async def test_a_crashing_handler_logs_no_locals(
+    make_server: ServerFactory, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from wstally import logsetup
+
+    log_file = tmp_path / "crash.log"
+    logsetup.configure("json", "info", str(log_file))
+    try:
+        server = await make_server(memory=True, token=SECRET)
+
+        def crash(peer: Any, message: Any) -> None:
+            token = server.config.token  # a local holding the secret, as in the leak
+            raise RuntimeError(f"boom while checking {token}")
+
+        server._on_message = crash  # type: ignore[method-assign]
+        async with connect(
+            server.url,
+            subprotocols=[SUBPROTOCOL],
+            additional_headers={"Authorization": f"Bearer {SECRET}"},
+        ) as ws:
+            await ws.send("1")
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), within(5))
+        await server.stop()
+    finally:
+        logsetup.configure("json", os.environ.get("WSTALLY_TEST_LOG_LEVEL", "warning"))
+    logged = log_file.read_text()
+    assert "RuntimeError" in logged  # the failure is there, with its traceback...
+    assert SECRET not in logged  # ...but neither the locals nor the secret
+    assert '"locals"' not in logged
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err
+
+
+# 2. Malformed handshakes never stay counted.
+
+
+async def test_malformed_handshakes_do_not_lock_everyone_out(
+    serve: Callable[..., ServeProcess],
+) -> None:
+    server = serve("--memory", "--port", "0", "--max-connections", "5")
+    port = server.port
+    for _ in range(20):
+        status, _ = await handshake(port, "User-Agent: a", "User-Agent: b")
+        assert status == 400
+    assert server.health()["clients"] == 0
+    client = await JsonClient.connect(server.url)
+    assert (await client.add(3, "a"))["type"] == "ack"
+    assert server.health()["clients"] == 1
+    await client.close()
+    assert not [e for e in server.events if e.get("level") in ("error", "critical")]
+
+
+# 3. Heavy legal load: bounded batches, bounded frames, backpressure.
+
+
+async def test_commits_falling_behind_stop_the_reading(
+    make_server: ServerFactory, clients: list[JsonClient]
+) -> None:
+    store = GatedStore()
+    server = await make_server(store=store, rate_limit=0)
+    watcher = await JsonClient.connect(server.url)
+    clients.append(watcher)
+    store.gate.clear()  # the disk stalls
+    senders = []
+    for _ in range(4):
+        ws = await connect(server.url, subprotocols=[SUBPROTOCOL], max_queue=None)
+        await ws.recv()
+        senders.append(ws)
+    per_sender = 3 * FLOW_HIGH // 4  # 3x the gate's mark in all
+
+    async def blast(ws: Any, i: int) -> None:
+        name = "n" * protocol.MAX_NAME
+        await ws.send(json.dumps({"type": "hello", "client": f"c{i}", "name": name}))
+        for n in range(per_sender):
+            delta = 10**15 if n % 2 else -(10**15)  # big, and the total stays in int64
+            await ws.send(f'{{"type":"add","delta":{delta},"id":"{n}"}}')
+
+    blasting = [asyncio.create_task(blast(ws, i)) for i, ws in enumerate(senders)]
+    async with asyncio.timeout(within(30)):
+        while not server.flow.blocked:  # noqa: ASYNC110 - polled server state
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(within(0.5))
+    # The gate closed: what is applied but not committed stays near its mark, while the
+    # rest waits in socket buffers (the senders' own sends stall).
+    assert server.flow.blocked
+    backlog = server.tally.seq - server.tally.committed_seq
+    # (the batch on its way to disk, at most MAX_BATCH, comes on top of the mark)
+    assert FLOW_HIGH <= backlog <= FLOW_HIGH + MAX_BATCH + 4 * 64, backlog
+    read = sum(p.messages_in for p in server.hub.peers)
+    await asyncio.sleep(within(0.5))
+    assert sum(p.messages_in for p in server.hub.peers) == read  # nothing more is read
+    assert read < 4 * per_sender  # the rest waits in the sockets
+    store.gate.set()
+    await asyncio.gather(*blasting)
+    acks = 0
+    for ws in senders:
+        while True:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), within(30)))
+            if frame["type"] == "ack":
+                acks += 1
+                if frame["id"] == str(per_sender - 1):
+                    break
+            assert frame["type"] != "error", frame
+    assert acks == 4 * per_sender
+    assert max(store.commits) <= MAX_BATCH
+    # Every watcher frame is bounded; the updates arrive in order, without a gap.
+    total_items = await watcher.items_until(4 * per_sender, within(30))
+    assert [i["seq"] for i in total_items] == list(range(1, 4 * per_sender + 1))
+    sizes = [len(json.dumps(f, separators=(",", ":"))) for f in watcher.frames]
+    assert max(sizes) <= protocol.MAX_SERVER_FRAME
+    for ws in senders:
+        await ws.close()
+
+
+async def test_a_long_backlog_goes_out_as_bounded_frames(
+    make_server: ServerFactory,
+) -> None:
+    store = GatedStore()
+    server = await make_server(store=store, rate_limit=0)
+    sizes: list[int] = []
+    items: list[int] = []
+    # websockets' default 1 MiB limit, as `wstally client` and `watch` have it.
+    async with connect(server.url, subprotocols=[SUBPROTOCOL]) as watcher:
+        await watcher.recv()
+        store.gate.clear()
+        async with connect(server.url) as sender:  # plain mode: no acks to read
+            for n in range(3 * MAX_BATCH):
+                await sender.send(str(2**62 if n % 2 else -(2**62)))
+            await asyncio.sleep(within(0.5))
+            store.gate.set()
+            while not items or items[-1] < 3 * MAX_BATCH:
+                raw = await asyncio.wait_for(watcher.recv(), within(10))
+                sizes.append(len(raw))
+                frame = json.loads(raw)
+                if frame["type"] == "updates":
+                    items += [i["seq"] for i in frame["items"]]
+    assert items == list(range(1, 3 * MAX_BATCH + 1))
+    assert max(sizes) <= protocol.MAX_SERVER_FRAME
+    assert len(sizes) >= 3 * MAX_BATCH // protocol.UPDATES_PER_FRAME
+
+
+def test_the_worst_item_fits_the_frame_bound() -> None:
+    from wstally.tally import INT64_MIN
+
+    worst = Update(2**63 - 1, INT64_MIN, INT64_MIN, 0.0, "c", "c", "\U0001f600" * 32, "i")
+    frame = protocol.encode_updates([worst] * protocol.UPDATES_PER_FRAME)
+    assert len(frame.encode()) <= protocol.MAX_SERVER_FRAME
+
+
+# 4. Replays cannot be used to amplify.
+
+
+async def test_a_replaying_client_that_never_reads_is_evicted(
+    make_server: ServerFactory, clients: list[JsonClient]
+) -> None:
+    store = MemoryStore()
+    store.commit([Update(n, 1, n, 0.0, "prefill") for n in range(1, MAX_RECOVERY + 1)])
+    server = await make_server(store=store, slow_timeout=within(1))
+    epoch = server.tally.epoch
+    attackers = []
+    for i in range(8):
+        # A tiny receive buffer: the kernel cannot absorb the replay for the attacker.
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        ws = await connect(server.url, subprotocols=[SUBPROTOCOL], sock=sock)
+        await ws.send(json.dumps({"type": "hello", "client": f"a{i}", "since": 0, "epoch": epoch}))
+        ws.transport.pause_reading()  # and never read again
+        attackers.append(ws)
+    honest = await JsonClient.connect(
+        server.url, {"client": "h", "since": MAX_RECOVERY - 3000, "epoch": epoch}
+    )
+    clients.append(honest)
+    # The honest client's replay is not held up by the attackers'.
+    seen = await honest.items_until(MAX_RECOVERY, within(20))
+    assert [i["seq"] for i in seen] == list(range(MAX_RECOVERY - 2999, MAX_RECOVERY + 1))
+    assert (await honest.add(1, "during"))["type"] == "ack"
+    # Every attacker ends up evicted with 4008; none buffers more than the limit meanwhile.
+    async with asyncio.timeout(within(30)):
+        while server.hub.evicted < len(attackers):
+            buffered = [p.ws.transport.get_write_buffer_size() for p in server.hub.peers]
+            assert max(buffered) <= server.hub.buffer_limit + protocol.MAX_SERVER_FRAME
+            await asyncio.sleep(0.05)
+    for ws in attackers:
+        ws.transport.abort()
+
+
+# 5. Floods of frames that are not adds.
+
+
+@pytest.mark.parametrize("kind", ["ping", "text"])
+async def test_a_frame_flood_is_closed_with_1008(
+    serve: Callable[..., ServeProcess], kind: str
+) -> None:
+    server = serve("--memory", "--port", "0")
+    honest = await JsonClient.connect(server.url)
+    async with connect(server.url, ping_interval=None) as flooder:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(within(20)):
+                while True:
+                    for _ in range(200):
+                        if kind == "ping":
+                            await flooder.ping()
+                        else:
+                            await flooder.send("x")
+                    await asyncio.sleep(0)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1008
+        assert "too many" in closed.value.rcvd.reason
+        assert loop.time() - started < within(10)
+    assert (await honest.add(2, "still-here"))["type"] == "ack"
+    await honest.close()
+    assert server.event("conn.flood")["limit"] > 0
+
+
+# 6. SIGTERM answers every add it read.
+
+
+async def test_sigterm_answers_every_add_read(serve: Callable[..., ServeProcess]) -> None:
+    server = serve("--port", "0", "--db", "t.db")
+    url = server.url
+    sent: dict[int, int] = {}
+    answered: dict[int, int] = {}
+
+    async def stream(i: int) -> None:
+        async with connect(url, subprotocols=[SUBPROTOCOL]) as ws:
+            await ws.send(json.dumps({"type": "hello", "client": f"s{i}"}))
+
+            async def reader() -> None:
+                async for raw in ws:
+                    frame = json.loads(raw)
+                    if frame["type"] in ("ack", "error"):
+                        answered[i] = answered.get(i, 0) + 1
+
+            task = asyncio.create_task(reader())
+            n = 0
+            try:
+                while True:
+                    await ws.send(f'{{"type":"add","delta":1,"id":"{n}"}}')
+                    n += 1
+                    sent[i] = n
+                    if n % 50 == 0:
+                        await asyncio.sleep(0.001)
+            except ConnectionClosed:
+                pass
+            await task
+
+    streams = [asyncio.create_task(stream(i)) for i in range(4)]
+    await asyncio.sleep(within(1))
+    server.proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(asyncio.gather(*streams, return_exceptions=True), within(20))
+    assert server.wait() == 0
+    stopping = server.event("server.stopping")
+    assert stopping is not None
+    # What the server read, it answered: the rest is still in the client's socket or in
+    # flight, and a client learns that from the close (its outbox resends them).
+    closed = [e for e in server.events if e.get("event") == "conn.closed"]
+    read = sum(e["messages_in"] for e in closed)
+    assert sum(answered.values()) == read - 4  # every frame read but the hellos
+    assert sum(answered.values()) <= sum(sent.values())
