@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -19,7 +20,11 @@ __all__ = ["ServeProcess"]
 class ServeProcess:
     """``wstally serve`` in a subprocess, with its JSON log lines collected as dicts."""
 
-    def __init__(self, cwd: Path, *args: str) -> None:
+    def __init__(self, cwd: Path, *args: str, nofile: int | None = None) -> None:
+        def limit_fds() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wstally", "serve", "--log-format", "json", *args],
             cwd=cwd,
@@ -27,6 +32,7 @@ class ServeProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=limit_fds,
         )
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []

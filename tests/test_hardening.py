@@ -21,7 +21,7 @@ from servers import ServeProcess
 from wstally import protocol
 from wstally.committer import MAX_BATCH
 from wstally.protocol import SUBPROTOCOL
-from wstally.server import FLOW_HIGH, MAX_RECOVERY
+from wstally.server import FD_RESERVE, FLOW_HIGH, MAX_RECOVERY
 from wstally.store import MemoryStore
 from wstally.tally import Update
 
@@ -364,3 +364,82 @@ async def test_sigterm_answers_every_add_read(serve: Callable[..., ServeProcess]
     read = sum(e["messages_in"] for e in closed)
     assert sum(answered.values()) == read - 4  # every frame read but the hellos
     assert sum(answered.values()) <= sum(sent.values())
+
+
+# 10. Signals, file descriptors and HTTP requests websockets would drop unanswered.
+
+
+async def test_sighup_reopens_the_log_file_and_keeps_serving(
+    serve: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    log_file = tmp_path / "a.log"
+    server = serve("--memory", "--port", "0", "--log-file", str(log_file))
+    client = await JsonClient.connect(server.url)
+    log_file.rename(tmp_path / "a.log.1")  # what logrotate does
+    server.proc.send_signal(signal.SIGHUP)
+    async with asyncio.timeout(within(5)):
+        while not log_file.exists():  # noqa: ASYNC110 - another process's file
+            await asyncio.sleep(0.02)
+    assert (await client.add(4, "after-hup"))["type"] == "ack"
+    await client.close()
+    assert server.stop() == 0
+    assert "server.logs_reopened" in log_file.read_text()
+    assert "server.stopped" in log_file.read_text()
+    assert "server.started" in (tmp_path / "a.log.1").read_text()
+
+
+async def test_out_of_file_descriptors_is_a_logged_503(tmp_path: Path) -> None:
+    server = ServeProcess(tmp_path, "--memory", "--port", "0", nofile=FD_RESERVE + 20)
+    try:
+        assert server.port
+        assert server.event("server.fd_limit")["capacity"] == 20
+        held = [await connect(server.url) for _ in range(20)]
+        for _ in range(5):
+            status, body = await handshake(server.port)
+            assert status == 503
+            assert b"20 clients connected" in body
+        assert server.health()["clients"] == 20
+        await held.pop().close()
+        async with connect(server.url) as again:
+            await again.send("1")
+            assert await again.recv() == "Server records total=1"
+        for ws in held:
+            await ws.close()
+        server.stop()
+        full = server.event("server.full")
+        assert full["capacity"] == 20
+        assert full["fd_bound"] is True
+    finally:
+        server.close()
+
+
+async def raw_http(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), within(5))
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", b"405"),
+        (b"DELETE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"405"),
+        (b"GET /healthz HTTP/1.1\nHost: x\n\n", b"400"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\nAccept: */*\r\n\r\n", b"400"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n", b"200"),
+    ],
+)
+async def test_requests_websockets_would_drop_get_an_answer(
+    make_server: ServerFactory, request_bytes: bytes, status: bytes
+) -> None:
+    server = await make_server(memory=True)
+    answer = await raw_http(server.port, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer
+    assert answer.count(b"HTTP/1.1 ") == 1
+    # And the server still serves.
+    assert (await raw_http(server.port, b"GET /healthz HTTP/1.1\r\n\r\n")).startswith(
+        b"HTTP/1.1 200"
+    )

@@ -8,10 +8,14 @@ already read, and only then send the close frame.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import InvalidMessage
 from websockets.frames import CloseCode, Frame
+from websockets.server import ServerProtocol
 
 from wstally import logsetup
 
@@ -21,6 +25,56 @@ log = logsetup.get_logger("wstally.server")
 
 # Close code for a connection that sends frames faster than its budget (protocol.md).
 FLOOD = CloseCode.POLICY_VIOLATION
+
+
+# Past this many bytes without the end of the request head, websockets' own parser takes
+# over (and answers 414 or 431 itself).
+MAX_HEAD = 16 * 1024
+
+
+def request_problem(buffer: bytes) -> tuple[HTTPStatus, str] | None:
+    """What is wrong with a request head that websockets would drop without a word."""
+    end = buffer.find(b"\r\n\r\n")
+    bare = buffer.find(b"\n\n")
+    if bare != -1 and (end == -1 or bare < end):
+        return HTTPStatus.BAD_REQUEST, "Bad request: end every line with CRLF (\\r\\n)\n"
+    head = buffer if end == -1 else buffer[: end + 2]
+    if b"\n" in head.replace(b"\r\n", b""):
+        return HTTPStatus.BAD_REQUEST, "Bad request: end every line with CRLF (\\r\\n)\n"
+    method = head.split(b" ", 1)[0]
+    if method != b"GET" and method.isalpha() and method.isupper():
+        return (
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            "Method not allowed: use GET (the WebSocket handshake, /healthz, the page)\n",
+        )
+    return None
+
+
+def _guarded_parse(protocol: ServerProtocol) -> Generator[None]:
+    """websockets' request parser, after a look at the whole head: a request it would drop
+    silently (a POST, bare LF line ends) gets a 4xx answer instead."""
+    reader = protocol.reader
+    while (
+        b"\n\n" not in reader.buffer
+        and b"\r\n\r\n" not in reader.buffer
+        and not reader.eof
+        and len(reader.buffer) <= MAX_HEAD
+    ):
+        yield
+    problem = request_problem(bytes(reader.buffer[:MAX_HEAD]))
+    if problem is None:
+        end = reader.buffer.find(b"\r\n\r\n") + 4
+        if 4 <= end < len(reader.buffer) and b"\nupgrade:" not in reader.buffer[:end].lower():
+            # A pipelined request after a plain HTTP one: websockets would parse it as a
+            # WebSocket frame and drop the connection unanswered. The first request is
+            # answered (and the connection closed, HTTP/1.1 with Connection: close).
+            del reader.buffer[end:]
+        yield from protocol.parse()
+        return
+    status, text = problem
+    protocol.handshake_exc = InvalidMessage(f"did not receive a valid HTTP request: {text}")
+    protocol.send_response(protocol.reject(status, text))
+    yield
 
 
 def _stay_paused() -> None:
@@ -39,6 +93,9 @@ class TallyConnection(ServerConnection):
         self._frames = 0
         self._window = 0.0
         self.flooded = False
+        protocol = self.protocol
+        protocol.parser = _guarded_parse(protocol)
+        next(protocol.parser)
 
     def process_event(self, event: Any) -> None:
         super().process_event(event)

@@ -25,6 +25,7 @@ __all__ = [
     "enabled_for",
     "get_logger",
     "redact",
+    "reopen",
 ]
 
 FORMATS = ("auto", "console", "json")
@@ -167,6 +168,22 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )
+
+
+def reopen() -> int:
+    """Reopen every log file by name (SIGHUP, after logrotate); returns how many."""
+    reopened = 0
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream is not None:
+                    handler.stream.close()
+                handler.stream = handler._open()
+                reopened += 1
+            finally:
+                handler.release()
+    return reopened
 
 
 def get_logger(name: str) -> FilteringBoundLogger:

@@ -63,6 +63,10 @@ MAX_REPLAYS = 2
 # no longer read, and below which reading resumes: see flow.py.
 FLOW_HIGH = 4 * MAX_BATCH
 FLOW_LOW = MAX_BATCH
+# File descriptors kept free of connections (see _fd_capacity); a refusal for capacity is
+# logged at most once per this many seconds, with the count since.
+FD_RESERVE = 64
+FULL_LOG_INTERVAL = 10.0
 
 
 @dataclass(slots=True)
@@ -128,6 +132,9 @@ class TallyServer:
         self.stopped = False
         self._tasks: set[asyncio.Future[None]] = set()
         self.started_at = time.time()
+        self.capacity = config.max_connections
+        self._full_refused = 0
+        self._full_logged_at = -FULL_LOG_INTERVAL
         self._server: Server | None = None
         # Counters for server.stats (per connection or refusal, never per update).
         self.opened = 0
@@ -143,6 +150,16 @@ class TallyServer:
         _raise_fd_limit()
         if self.config.token:
             logsetup.redact(self.config.token)
+        self.capacity = min(self.config.max_connections, _fd_capacity())
+        if self.capacity < self.config.max_connections:
+            # Past the fd limit, accept() fails and the loop resets new connections without
+            # a word: refuse them with 503 before that, and say so now.
+            log.warning(
+                "server.fd_limit",
+                max_connections=self.config.max_connections,
+                capacity=self.capacity,
+                fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
         self.committer.start()
         cfg = self.config
         try:
@@ -340,13 +357,27 @@ class TallyServer:
             )
             response.headers["WWW-Authenticate"] = 'Bearer realm="wstally"'
             return response
-        if self.hub.clients >= self.config.max_connections:
+        if self.hub.clients >= self.capacity:
+            self._log_full()
             return conn.respond(
                 HTTPStatus.SERVICE_UNAVAILABLE,
-                f"Service unavailable: {self.config.max_connections} clients connected; "
-                "try again later\n",
+                f"Service unavailable: {self.capacity} clients connected; try again later\n",
             )
         return None
+
+    def _log_full(self) -> None:
+        self._full_refused += 1
+        now = time.monotonic()
+        if now - self._full_logged_at >= FULL_LOG_INTERVAL:
+            log.warning(
+                "server.full",
+                clients=self.hub.clients,
+                capacity=self.capacity,
+                refused=self._full_refused,
+                fd_bound=self.capacity < self.config.max_connections,
+            )
+            self._full_logged_at = now
+            self._full_refused = 0
 
     # WebSocket
 
@@ -625,6 +656,20 @@ async def _until_drained(peer: Peer, ws: ServerConnection) -> None:
     closed.cancel()
 
 
+def _reopen_logs() -> None:
+    files = logsetup.reopen()
+    log.info("server.logs_reopened", signal="SIGHUP", files=files)
+
+
+def _fd_capacity() -> int:
+    """Connections this process can hold: its file descriptor limit, less a reserve for
+    the store, the log file and the handshakes in progress."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(soft - FD_RESERVE, 1)
+
+
 def _raise_fd_limit() -> None:
     # Each client is a file descriptor; the usual soft limit of 1024 is far below what one
     # server process handles.
@@ -716,6 +761,9 @@ async def run(config: ServerConfig) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    # The Unix convention for daemons: SIGHUP reopens the log file (after logrotate moved
+    # it away) and the server keeps serving; its default action would end the process.
+    loop.add_signal_handler(signal.SIGHUP, _reopen_logs)
     await stop.wait()
     await server.stop()
     return 0
