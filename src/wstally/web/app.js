@@ -19,6 +19,7 @@
   const OWN_KEPT = 1000; // seqs of our own acked adds remembered, to mark them
   const WINDOW = 300_000; // chart: the last 5 minutes...
   const BUCKET = 500; // ...in half-second buckets: at most 600 of them
+  const CHART_EVERY = 250; // ms: a bucket is under 2 px wide, redrawing faster shows nothing
   const INT64_MIN = -(2n ** 63n);
   const INT64_MAX = 2n ** 63n - 1n;
   const NUMBER = /^[ \t\r\n]*([+-]?)([0-9]+)[ \t\r\n]*$/; // the server's grammar
@@ -152,7 +153,9 @@
     nextId: 0,
     outbox: new Map(), // id -> delta (BigInt), in the order added
     own: new Set(), // seqs of our acked adds
-    recent: [], // the latest updates: {seq, delta, total, by}
+    owned: 0, // acks so far: the list re-checks its marks when this moves
+    recent: [], // the latest updates: {n, seq, delta, total, by}, n counting every one
+    listed: 0,
     buckets: [], // chart: {t, first, min, max, last}
     notice: "",
   };
@@ -343,7 +346,8 @@
     for (const item of fresh) plot(now, item.total);
     for (const item of fresh.slice(-RECENT)) {
       const by = typeof item.by === "string" ? item.by : null;
-      s.recent.push({ seq: item.seq, delta: item.delta, total: item.total, by });
+      s.listed += 1;
+      s.recent.push({ n: s.listed, seq: item.seq, delta: item.delta, total: item.total, by });
     }
     if (s.recent.length > RECENT) s.recent.splice(0, s.recent.length - RECENT);
     const last = fresh[fresh.length - 1];
@@ -356,6 +360,7 @@
     if (delta === undefined || !isInt(msg.seq)) return; // an answer to a resend we had
     s.outbox.delete(msg.id);
     s.own.add(msg.seq);
+    s.owned += 1;
     if (s.own.size > OWN_KEPT) s.own.delete(s.own.values().next().value);
     const again = msg.duplicate === true ? " (already counted)" : "";
     s.notice = signed(delta) + " acknowledged as #" + msg.seq + again + ".";
@@ -458,8 +463,20 @@
     text(el.pending, String(s.outbox.size));
     renderOutbox();
     renderRecent();
-    renderChart();
+    const wait = chartDrawn + CHART_EVERY - performance.now();
+    if (wait <= 0) {
+      chartDrawn = performance.now();
+      renderChart();
+    } else if (chartTimer === null) {
+      chartTimer = setTimeout(() => {
+        chartTimer = null;
+        invalidate();
+      }, wait);
+    }
   }
+
+  let chartDrawn = -Infinity;
+  let chartTimer = null;
 
   let outboxShown = "";
   function renderOutbox() {
@@ -480,32 +497,42 @@
     el.outbox.replaceChildren(...rows);
   }
 
-  let recentShown = null;
-  let ownShown = 0;
+  // Only the rows that are new are built: at a thousand updates a second that is a dozen
+  // or so per frame, not the whole list.
+  let listedShown = 0;
+  let ownedShown = 0;
   function renderRecent() {
-    const newest = s.recent.length ? s.recent[s.recent.length - 1].seq : null;
-    if (newest === recentShown && s.own.size === ownShown) return;
-    recentShown = newest;
-    ownShown = s.own.size;
-    const rows = [];
-    for (let i = s.recent.length - 1; i >= 0; i -= 1) {
-      const u = s.recent[i];
-      const li = document.createElement("li");
-      li.dataset.seq = u.seq.toString();
-      li.append(
-        span("seq", "#" + u.seq),
-        span("delta", signed(u.delta)),
-        span("arrow", "\u2192"),
-        span("sum", u.total.toString()),
-        span(u.by === null ? "by anonymous" : "by", u.by === null ? "anonymous" : u.by),
-      );
-      if (s.own.has(u.seq)) {
-        li.classList.add("own");
-        li.append(span("mine", "you \u2713"));
-      }
-      rows.push(li);
+    const fresh = s.recent.filter((u) => u.n > listedShown);
+    if (fresh.length > 0) {
+      listedShown = fresh[fresh.length - 1].n;
+      el.updates.prepend(...fresh.reverse().map(row));
+      while (el.updates.childElementCount > RECENT) el.updates.lastElementChild.remove();
     }
-    el.updates.replaceChildren(...rows);
+    if (s.owned !== ownedShown) {
+      ownedShown = s.owned;
+      for (const li of el.updates.children) mark(li);
+    }
+  }
+
+  function row(u) {
+    const li = document.createElement("li");
+    li.dataset.seq = u.seq.toString();
+    li.append(
+      span("seq", "#" + u.seq),
+      span("delta", signed(u.delta)),
+      span("arrow", "\u2192"),
+      span("sum", u.total.toString()),
+      span(u.by === null ? "by anonymous" : "by", u.by === null ? "anonymous" : u.by),
+    );
+    mark(li);
+    return li;
+  }
+
+  function mark(li) {
+    if (!li.classList.contains("own") && s.own.has(BigInt(li.dataset.seq))) {
+      li.classList.add("own");
+      li.append(span("mine", "you \u2713"));
+    }
   }
 
   function span(className, value) {
