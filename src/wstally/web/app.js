@@ -12,6 +12,7 @@
 (() => {
   const SUBPROTOCOL = "wstally.v1";
   const BACKOFF = [0.1, 5.0]; // seconds: first retry, longest wait (as wstally client)
+  const OPEN_TIMEOUT = 10_000; // ms for a handshake before it counts as failed
   const RETRY_TRANSIENT = 500; // ms before an add refused "not now" is sent again
   const TRANSIENT = new Set(["shutting_down", "store_failed"]);
   const RECENT = 50; // updates listed
@@ -30,7 +31,7 @@
   // ---- Exact integers --------------------------------------------------------------------
 
   // JSON.parse turns 9007199254740993 into 9007199254740992. Its reviver's third argument
-  // carries the number's source text (Chromium 114+, Firefox 135+, Safari 18.4+), from
+  // carries the number's source text (Chromium 114+, recent Firefox and Safari), from
   // which every integer becomes a BigInt. Older engines get the integers quoted first.
   const sourceText = (() => {
     let seen;
@@ -187,6 +188,11 @@
     }
     s.ws = ws;
     setConn(s.everOpened ? "reconnecting" : "connecting", "");
+    // A handshake the network swallowed fails here rather than after the browser's own,
+    // much longer, timeout; closing it leads to closed() and the next attempt.
+    setTimeout(() => {
+      if (ws.readyState === WebSocket.CONNECTING) ws.close();
+    }, OPEN_TIMEOUT);
     ws.onopen = () => opened(ws);
     ws.onmessage = (event) => {
       if (typeof event.data === "string") receive(event.data);
@@ -205,7 +211,6 @@
     }
     ws.send("{" + fields.join(",") + "}");
     s.everOpened = true;
-    s.attempt = 0;
     s.sent = new Set();
     setConn("connected", "");
     sendOutbox();
@@ -304,6 +309,7 @@
 
   function onSnapshot(msg) {
     if (!isInt(msg.seq) || !isInt(msg.total) || typeof msg.epoch !== "string") return;
+    s.attempt = 0; // served, not just accepted: the backoff starts over
     if (s.recovering) {
       if (!("recovered" in msg)) return; // the connect-time snapshot: the replay follows
       s.recovering = false;
