@@ -106,7 +106,8 @@ def test_ctrl_c_leaves_without_a_traceback(serve: Any, terminals: list[Term]) ->
     term.expect(pexpect.EOF)
     term.close()
     assert "Traceback" not in (term.before or "")
-    assert term.exitstatus == 0
+    # Interrupted, as every command reports Ctrl-C (README, "Exit status").
+    assert term.exitstatus == 130
 
 
 def run_piped(url: str, text: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -142,7 +143,8 @@ def test_piped_mode_gives_up_on_an_unreachable_server() -> None:
     started = time.monotonic()
     result = run_piped(f"ws://127.0.0.1:{free_port()}", "1\n", "--timeout", "1")
     assert result.returncode == 2
-    assert "cannot reach" in result.stderr
+    assert "no connection to" in result.stderr
+    assert "connection refused" in result.stderr
     assert time.monotonic() - started < within(15)
 
 

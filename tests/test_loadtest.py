@@ -14,7 +14,7 @@ from helpers import within
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "loadtest.py"
-NAIVE = ROOT / "benchmarks" / "naive_server.py"
+NAIVE = f"{sys.executable} -m wstally.loadgen.naive_server"
 
 
 def loadtest(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
@@ -74,7 +74,7 @@ def test_fails_against_a_broken_server(tmp_path: Path, fault: str) -> None:
         tmp_path,
         "--spawn",
         "--server-cmd",
-        f"{sys.executable} {NAIVE} --fault {fault}",
+        f"{NAIVE} --fault {fault}",
         "--watchers",
         "5",
         "--senders",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -13,139 +12,158 @@ from typing import Any
 
 from wstally import __version__, logsetup
 from wstally.client import commands as client_commands
+from wstally.options import apply_env, env_argument, integer, number
 
 __all__ = ["main"]
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"WSTALLY_{name}", default)
-
-
-def _env_int(name: str, default: int) -> int:
-    return int(_env_number(name, default))
-
-
-def _env_float(name: str, default: float) -> float:
-    return float(_env_number(name, default))
-
-
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(f"WSTALLY_{name}")
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"wstally: error: WSTALLY_{name}={raw!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise SystemExit(f"wstally: error: WSTALLY_{name}={raw!r} must be a finite number >= 0")
-    return value
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(f"WSTALLY_{name}", "").lower() in {"1", "true", "yes", "on"}
+# Ranges of the server's numbers: a value outside is a usage error naming the range.
+PORT = integer(0, 65535)
+COUNT = integer(1)
+BYTES = integer(0)
+SECONDS = number(0.0)
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("logging")
-    group.add_argument(
+    env_argument(
+        parser,
         "--log-format",
+        group=group,
+        env="LOG_FORMAT",
+        default="auto",
         choices=logsetup.FORMATS,
-        default=_env("LOG_FORMAT", "auto"),
-        help="console on a terminal and JSON lines otherwise (auto), or force one "
-        "[env WSTALLY_LOG_FORMAT; default %(default)s]",
+        help="console on a terminal and JSON lines otherwise (auto), or force one",
     )
-    group.add_argument(
+    env_argument(
+        parser,
         "--log-level",
+        group=group,
+        env="LOG_LEVEL",
+        default="info",
         choices=logsetup.LEVELS,
-        default=_env("LOG_LEVEL", "info"),
-        help="minimum level [env WSTALLY_LOG_LEVEL; default %(default)s]",
+        help="minimum level",
     )
-    group.add_argument(
+    env_argument(
+        parser,
         "--log-file",
-        default=os.environ.get("WSTALLY_LOG_FILE"),
+        group=group,
+        env="LOG_FILE",
+        default=None,
         metavar="PATH",
-        help="also append JSON lines to PATH [env WSTALLY_LOG_FILE]",
+        help="also append JSON lines to PATH",
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="wstally",
         description="A shared running total over WebSockets.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"wstally {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = commands.add_parser("serve", help="run the tally server")
-    serve.add_argument(
-        "--host",
-        default=_env("HOST", "127.0.0.1"),
-        help="address to listen on [env WSTALLY_HOST; default %(default)s]",
-    )
-    serve.add_argument(
-        "--port",
-        type=int,
-        default=_env_int("PORT", 8765),
-        help="port to listen on, 0 for any free one [env WSTALLY_PORT; default %(default)s]",
-    )
-    where = serve.add_mutually_exclusive_group()
-    where.add_argument(
-        "--db",
-        default=_env("DB", "wstally.db"),
-        metavar="PATH",
-        help="SQLite database file [env WSTALLY_DB; default %(default)s]",
-    )
-    where.add_argument(
-        "--memory",
-        action="store_true",
-        default=_env_flag("MEMORY"),
-        help="keep everything in memory; nothing survives a restart [env WSTALLY_MEMORY]",
-    )
-    serve.add_argument(
-        "--compression",
-        action="store_true",
-        default=_env_flag("COMPRESSION"),
-        help="offer permessage-deflate (costs CPU and memory per client) [env WSTALLY_COMPRESSION]",
-    )
-    serve.add_argument(
-        "--buffer-limit",
-        type=int,
-        default=_env_int("BUFFER_LIMIT", 256 * 1024),
-        metavar="BYTES",
-        help="write buffer above which a client is skipped and later resynced "
-        "[env WSTALLY_BUFFER_LIMIT; default %(default)s]",
-    )
-    serve.add_argument(
-        "--flush-interval",
-        type=float,
-        default=_env_float("FLUSH_INTERVAL", 2.0),
-        metavar="MS",
-        help="least time between two broadcast writes to a client; under load, updates "
-        "within it share one frame [env WSTALLY_FLUSH_INTERVAL; default %(default)s]",
-    )
-    serve.add_argument(
-        "--loop",
-        choices=("auto", "asyncio", "uvloop"),
-        default=_env("LOOP", "auto"),
-        help="event loop: uvloop when installed (auto), or force one "
-        "[env WSTALLY_LOOP; default %(default)s]",
-    )
-    _add_access(serve)
-    _add_limits(serve)
-    serve.add_argument(
-        "--stats-interval",
-        type=float,
-        default=float(_env("STATS_INTERVAL", "10")),
-        metavar="SECS",
-        help="log server.stats every SECS seconds, 0 for never "
-        "[env WSTALLY_STATS_INTERVAL; default %(default)s]",
-    )
-    _add_logging(serve)
+    _add_serve(commands)
     client_commands.add_parsers(commands)
     _add_logs(commands)
     _add_history(commands)
-    return parser
+    return parser, commands.choices
+
+
+EXIT_CODES = """exit status (every command):
+  0    done, nothing lost (serve: stopped by SIGINT or SIGTERM after draining)
+  1    it ran, and something failed: an add refused or never acknowledged, a failed
+       check (history --verify), a server that could not start or had to be forced
+  2    nothing was done: a usage error (flag, argument, URL, WSTALLY_* value), or the
+       server, database or file it needs could not be reached or read
+  130  interrupted by Ctrl-C (serve excepted: SIGINT stops it gracefully)"""
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the tally server",
+        description="Keep one shared running total: apply every client's adds in order, "
+        "store them durably, acknowledge them and broadcast every update to every client.",
+    )
+    env_argument(serve, "--host", env="HOST", default="127.0.0.1", help="address to listen on")
+    env_argument(
+        serve,
+        "--port",
+        env="PORT",
+        default=8765,
+        type=PORT,
+        help="port to listen on (0-65535), 0 for any free one",
+    )
+    where = serve.add_mutually_exclusive_group()
+    env_argument(
+        serve,
+        "--db",
+        group=where,
+        env="DB",
+        default="wstally.db",
+        metavar="PATH",
+        help="SQLite database file",
+    )
+    env_argument(
+        serve,
+        "--memory",
+        group=where,
+        env="MEMORY",
+        default=False,
+        shown="off",
+        action="store_true",
+        help="keep everything in memory; nothing survives a restart",
+    )
+    env_argument(
+        serve,
+        "--compression",
+        env="COMPRESSION",
+        default=False,
+        shown="off",
+        action="store_true",
+        help="offer permessage-deflate (costs CPU and memory per client)",
+    )
+    env_argument(
+        serve,
+        "--buffer-limit",
+        env="BUFFER_LIMIT",
+        default=256 * 1024,
+        type=BYTES,
+        metavar="BYTES",
+        help="write buffer above which a client is skipped and later resynced",
+    )
+    env_argument(
+        serve,
+        "--flush-interval",
+        env="FLUSH_INTERVAL",
+        default=2.0,
+        type=number(0.0, 1000.0),
+        metavar="MS",
+        help="least time between two broadcast writes to a client (0-1000); under load, "
+        "updates within it share one frame",
+    )
+    env_argument(
+        serve,
+        "--loop",
+        env="LOOP",
+        default="auto",
+        choices=("auto", "asyncio", "uvloop"),
+        help="event loop: uvloop when installed (auto), or force one",
+    )
+    _add_access(serve)
+    _add_limits(serve)
+    env_argument(
+        serve,
+        "--stats-interval",
+        env="STATS_INTERVAL",
+        default=10.0,
+        type=SECONDS,
+        metavar="SECS",
+        help="log server.stats every SECS seconds, 0 for never",
+    )
+    _add_logging(serve)
 
 
 def _add_logs(commands: Any) -> None:
@@ -176,7 +194,9 @@ def _add_logs(commands: Any) -> None:
     shape = logs.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", help="matching lines unchanged (for jq)")
     shape.add_argument("--summary", action="store_true", help="tables of counts, not events")
-    logs.add_argument("--top", type=int, default=5, metavar="N", help="rows in top-N tables")
+    logs.add_argument(
+        "--top", type=COUNT, default=5, metavar="N", help="rows in top-N tables [default 5]"
+    )
     logs.add_argument(
         "-f",
         "--follow",
@@ -185,7 +205,11 @@ def _add_logs(commands: Any) -> None:
         "starts at the end unless --since is given",
     )
     logs.add_argument(
-        "--poll-interval", type=float, default=0.25, metavar="SECS", help=argparse.SUPPRESS
+        "--poll-interval",
+        type=number(0.0, above=True),
+        default=0.25,
+        metavar="SECS",
+        help=argparse.SUPPRESS,
     )
 
 
@@ -196,15 +220,12 @@ def _add_history(commands: Any) -> None:
         description="Print the updates stored in the SQLite database (read-only; works "
         "while the server runs), or verify that their seqs and totals form an unbroken chain.",
     )
-    history.add_argument(
-        "--db",
-        default=_env("DB", "wstally.db"),
-        metavar="PATH",
-        help="SQLite database file [env WSTALLY_DB; default %(default)s]",
+    env_argument(
+        history, "--db", env="DB", default="wstally.db", metavar="PATH", help="SQLite database file"
     )
-    history.add_argument("--since", type=int, default=0, metavar="SEQ", help="rows after SEQ")
+    history.add_argument("--since", type=BYTES, default=0, metavar="SEQ", help="rows after SEQ")
     history.add_argument("--client", metavar="C", help="rows of this hello client id or name")
-    history.add_argument("--tail", type=int, metavar="N", help="only the last N rows")
+    history.add_argument("--tail", type=BYTES, metavar="N", help="only the last N rows")
     history.add_argument("--json", action="store_true", help="one JSON object per row")
     history.add_argument(
         "--verify",
@@ -216,19 +237,20 @@ def _add_history(commands: Any) -> None:
 def _add_access(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("access")
     secret = group.add_mutually_exclusive_group()
-    secret.add_argument(
+    env_argument(
+        parser,
         "--token",
-        default=os.environ.get("WSTALLY_TOKEN"),
+        group=secret,
+        env="TOKEN",
+        default=None,
         help="require this secret from clients (Authorization: Bearer, or ?token=); "
-        "prefer --token-file or the env var, which stay out of process listings "
-        "[env WSTALLY_TOKEN]",
+        "prefer --token-file or the env var, which stay out of process listings",
     )
     secret.add_argument("--token-file", metavar="PATH", help="read the token from PATH")
     group.add_argument(
         "--allow-origin",
         action="append",
         metavar="ORIGIN",
-        default=[o for o in _env("ALLOW_ORIGINS", "").split(",") if o],
         help="browser origin allowed to connect, e.g. https://tally.example (repeatable; "
         "default: any) [env WSTALLY_ALLOW_ORIGINS, comma-separated]",
     )
@@ -238,39 +260,55 @@ def _add_access(parser: argparse.ArgumentParser) -> None:
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits")
-    group.add_argument(
+    env_argument(
+        parser,
         "--max-connections",
-        type=int,
-        default=_env_int("MAX_CONNECTIONS", 20_000),
+        group=group,
+        env="MAX_CONNECTIONS",
+        default=20_000,
+        type=COUNT,
         metavar="N",
-        help="refuse handshakes beyond N clients with HTTP 503 [default %(default)s]",
+        help="refuse handshakes beyond N clients with HTTP 503",
     )
-    group.add_argument(
+    env_argument(
+        parser,
         "--rate-limit",
-        type=float,
-        default=_env_float("RATE_LIMIT", 10_000.0),
+        group=group,
+        env="RATE_LIMIT",
+        default=10_000.0,
+        type=SECONDS,
         metavar="ADDS",
-        help="adds per second per connection (token bucket, a second's worth of burst); "
-        "0 disables [env WSTALLY_RATE_LIMIT; default %(default)s]",
+        help="adds per second per connection (token bucket, a second's worth of burst); 0 disables",
     )
-    group.add_argument(
+    env_argument(
+        parser,
         "--slow-timeout",
-        type=float,
-        default=_env_float("SLOW_TIMEOUT", 5.0),
+        group=group,
+        env="SLOW_TIMEOUT",
+        default=5.0,
+        type=SECONDS,
         metavar="SECS",
-        help="close a client whose write buffer stays over --buffer-limit this long "
-        "(code 4008) [env WSTALLY_SLOW_TIMEOUT; default %(default)s]",
+        help="close a client whose write buffer stays over --buffer-limit this long (code 4008)",
     )
-    group.add_argument(
+    env_argument(
+        parser,
         "--ping-interval",
-        type=float,
-        default=_env_float("PING_INTERVAL", 20.0),
+        group=group,
+        env="PING_INTERVAL",
+        default=20.0,
+        type=SECONDS,
         metavar="SECS",
-        help="keepalive ping period; a peer that does not answer within --ping-timeout is "
-        "dropped [default %(default)s]",
+        help="keepalive ping period, 0 for none",
     )
-    group.add_argument(
-        "--ping-timeout", type=float, default=_env_float("PING_TIMEOUT", 20.0), metavar="SECS"
+    env_argument(
+        parser,
+        "--ping-timeout",
+        group=group,
+        env="PING_TIMEOUT",
+        default=20.0,
+        type=SECONDS,
+        metavar="SECS",
+        help="drop a peer that does not answer a ping within SECS, 0 for never",
     )
 
 
@@ -308,7 +346,7 @@ def _serve(args: argparse.Namespace) -> int:
         flush_interval=args.flush_interval / 1000,
         stats_interval=args.stats_interval,
         token=token,
-        allow_origins=args.allow_origin or None,
+        allow_origins=args.allow_origin or _env_origins() or None,
         certfile=args.certfile,
         keyfile=args.keyfile,
         max_connections=args.max_connections,
@@ -326,8 +364,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 130
 
 
+def _env_origins() -> list[str]:
+    raw = os.environ.get("WSTALLY_ALLOW_ORIGINS", "")
+    return [origin.strip() for origin in raw.split(",") if origin.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, commands = _parser()
+    args = parser.parse_args(argv)
+    apply_env(args, commands[args.command])
     try:
         logsetup.configure(
             getattr(args, "log_format", "auto"),

@@ -18,6 +18,7 @@ from prompt_toolkit.styles import Style
 from wstally.client.session import (
     Acked,
     Event,
+    Paced,
     Presence,
     Refused,
     Session,
@@ -75,9 +76,14 @@ class PromptView:
             note = " (already counted)" if event.duplicate else ""
             self.say(("class:ok", f"✓ {event.delta:+d} acked as #{event.seq}{note}"))
         elif isinstance(event, Refused):
-            what = f"{event.delta:+d} " if event.delta is not None else ""
+            self._refused(event)
+        elif isinstance(event, Paced):
             self.say(
-                ("class:error", f"! {what}refused ({safe(event.code)}): {safe(event.message, 200)}")
+                (
+                    "class:warn",
+                    f"! the server limits adds per second: pacing at about {event.rate:,.0f}/s "
+                    "and resending the refused ones",
+                )
             )
         elif isinstance(event, Snapshot):
             self._snapshot(event)
@@ -86,9 +92,29 @@ class PromptView:
         elif isinstance(event, Presence):
             pass  # shown in the toolbar
 
+    def _refused(self, event: Refused) -> None:
+        reason = f"({safe(event.code)}): {safe(event.message, 200)}"
+        waiting = self.session.outbox.get(event.req_id or "")
+        if event.delta is not None:
+            self.say(("class:error", f"! {event.delta:+d} refused {reason}"))
+        elif waiting is not None:
+            # A "not now" (store failure, shutdown): the add is kept and sent again.
+            self.say(("class:warn", f"! {waiting:+d} not applied yet {reason}; resending it"))
+        else:
+            self.say(("class:error", f"! refused {reason}"))
+
     def _snapshot(self, event: Snapshot) -> None:
-        if event.recovered:
-            self.say(("class:ok", "✓ caught up: the updates made while away are shown above"))
+        if event.recovered and event.replayed:
+            count = event.replayed
+            self.say(
+                (
+                    "class:ok",
+                    f"✓ caught up: the {count} update{'s' * (count != 1)} made while away "
+                    "are shown above",
+                )
+            )
+        elif event.recovered:
+            self.say(("class:ok", "✓ nothing was missed while away"))
         elif event.new_history:
             self.say(("class:warn", f"! the server has a new history; total is {event.total:,}"))
         elif event.missed is not None:
@@ -123,51 +149,62 @@ class PromptView:
         if state == "reconnecting" and self.retry_at is not None:
             state = f"reconnecting in {max(0.0, self.retry_at - time.monotonic()):.1f}s"
         pending = len(s.outbox)
-        parts = [
-            ("", f" total {s.total:,} │ seq {s.seq} │ {s.clients} client"),
-            ("", "s" if s.clients != 1 else ""),
-            ("", f" │ {state}"),
-        ]
+        parts = [("", f" total {s.total:,} │ seq {s.seq}")]
+        if s.clients is not None:  # known only while connected
+            parts.append(("", f" │ {s.clients} client{'s' * (s.clients != 1)}"))
+        parts.append(("", f" │ {state}"))
         if pending:
             parts.append(("", f" │ {pending} pending"))
         return FormattedText(parts)
 
 
 async def run_interactive(session_options: dict[str, Any]) -> int:
+    """0 after /quit or Ctrl-D, 1 if adds were left unacknowledged, 2 if the server refused
+    the connection for good, 130 after Ctrl-C."""
     view: PromptView
     session = Session(**session_options, on_event=lambda e: view.on_event(e))
     view = PromptView(session)
-    prompt: PromptSession[str] = PromptSession()
-
-    async def read_input() -> None:
-        while True:
-            try:
-                text = await prompt.prompt_async(
-                    "> ", bottom_toolbar=view.toolbar, refresh_interval=0.5, style=STYLE
-                )
-            except (EOFError, KeyboardInterrupt):
-                return
-            text = text.strip()
-            if not text:
-                continue
-            if text in ("/quit", "/exit", "/q"):
-                return
-            if text in ("/help", "?"):
-                view.say(("", HELP))
-                continue
-            try:
-                delta = parse_plain(text)
-            except ProtocolError as exc:
-                view.say(("class:error", f"not sent: {exc.message}"))
-                continue
-            session.add(delta)
-            if session.state != "connected":
-                view.say(("class:warn", f"{delta:+d} queued: will be sent when connected"))
-
     with patch_stdout(raw=True):
         view.say(("", f"wstally client: {HELP}"))
         # Network and keyboard run side by side; whichever ends first ends the other.
-        await session.run_beside(read_input())
+        how = await session.run_beside(_read_input(session, view))
     if session.outbox:
         print(f"{len(session.outbox)} add(s) were never acknowledged and may not have counted")
-    return 0
+    if how == "interrupted":
+        return 130
+    if how is None and session.fatal:
+        return 2
+    return 1 if session.outbox else 0
+
+
+async def _read_input(session: Session, view: PromptView) -> str:
+    """Read and send lines until the user leaves: how they left."""
+    prompt: PromptSession[str] = PromptSession()
+    while True:
+        try:
+            text = await prompt.prompt_async(
+                "> ", bottom_toolbar=view.toolbar, refresh_interval=0.5, style=STYLE
+            )
+        except EOFError:
+            return "quit"
+        except KeyboardInterrupt:
+            return "interrupted"
+        text = text.strip()
+        if text in ("/quit", "/exit", "/q"):
+            return "quit"
+        if text:
+            _entered(session, view, text)
+
+
+def _entered(session: Session, view: PromptView, text: str) -> None:
+    if text in ("/help", "?"):
+        view.say(("", HELP))
+        return
+    try:
+        delta = parse_plain(text)
+    except ProtocolError as exc:
+        view.say(("class:error", f"not sent: {exc.message}"))
+        return
+    session.add(delta)
+    if session.state != "connected":
+        view.say(("class:warn", f"{delta:+d} queued: will be sent when connected"))

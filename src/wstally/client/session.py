@@ -13,20 +13,22 @@ import json
 import random
 import secrets
 import ssl
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from wstally.client.pacing import Pacer
 from wstally.protocol import SUBPROTOCOL, escape_text
 
 __all__ = [
     "Acked",
     "Event",
     "Item",
+    "Paced",
     "Presence",
     "Refused",
     "Session",
@@ -61,6 +63,7 @@ class Snapshot:
     missed: tuple[int, int] | None = None
     new_history: bool = False
     recovered: bool = False  # the server replayed every update we missed
+    replayed: int = 0  # of which this many were missed (0: nothing happened while away)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,14 @@ class Refused:
     code: str
     message: str
     req_id: str | None
-    delta: int | None
+    delta: int | None  # None when nothing was given up: the add is resent (or had no id)
+
+
+@dataclass(frozen=True, slots=True)
+class Paced:
+    """The server refused adds as too many per second: they are resent at this pace."""
+
+    rate: float  # adds per second
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +108,21 @@ class State:
     error: str | None = None
 
 
-Event = Snapshot | Updates | Acked | Refused | Presence | State
+Event = Snapshot | Updates | Acked | Refused | Paced | Presence | State
 
 T = TypeVar("T")
 
 # Refusals that say "not now" rather than "never": keep the add and resend it.
-TRANSIENT = frozenset({"shutting_down", "store_failed"})
-RETRY_TRANSIENT = 0.5  # seconds before such an add is sent again
+TRANSIENT = frozenset({"shutting_down", "store_failed", "rate_limited"})
+RETRY_TRANSIENT = 0.5  # seconds before such an add is sent again (rate_limited: the Pacer)
+
+# Handshake refusals that retrying cannot cure (credentials, origin, path), and what they
+# mean; any other 4xx is final too, a 5xx (503: the server is full) is retried.
+REFUSALS = {
+    401: "the server wants a token (pass --token or set WSTALLY_TOKEN)",
+    403: "the server forbids this client",
+    404: "no WebSocket endpoint at this URL",
+}
 
 
 class Session:
@@ -135,9 +153,12 @@ class Session:
         self.epoch: str | None = None
         self.seq = 0
         self.total = 0
-        self.clients = 0
+        self.clients: int | None = None  # known only while connected
         self.acked = 0
         self.refused = 0
+        self.error: str | None = None  # why the last connection attempt or connection ended
+        self.fatal = False  # the server refused us for good (a 4xx handshake answer)
+        self.pacer = Pacer()
         self.connected_once = asyncio.Event()
         self._next_id = 0
         self._ws: ClientConnection | None = None
@@ -145,7 +166,11 @@ class Session:
         self._closing = False
         self._closer: asyncio.Future[None] | None = None
         self._recovering = False
-        self._sent: set[str] = set()  # ids sent on the current connection
+        self._since = 0  # the seq we asked to recover from
+        # Ids to send on the current connection, refused ones first; and when each was sent.
+        self._retry: deque[str] = deque()
+        self._ready: deque[str] = deque()
+        self._sent_at: dict[str, float] = {}
         self._settled = asyncio.Event()
         self._settled.set()
 
@@ -156,6 +181,7 @@ class Session:
         self._next_id += 1
         req_id = str(self._next_id)
         self.outbox[req_id] = delta
+        self._ready.append(req_id)
         self._settled.clear()
         self._wake.set()
         return req_id
@@ -197,49 +223,52 @@ class Session:
         attempt = 0
         while not self._closing:
             self._emit(State("connecting" if attempt == 0 else "reconnecting"))
-            error: str | None = None
             try:
-                async with asyncio.timeout(self.open_timeout):
-                    ws = await connect(
-                        self.url,
-                        subprotocols=[SUBPROTOCOL],
-                        open_timeout=None,
-                        ssl=self.ssl,
-                        additional_headers=self.headers,
-                    )
+                ws = await self._connect()
             except InvalidStatus as exc:
-                status = exc.response.status_code
-                if status in (400, 401, 403, 404):
-                    # Refused on purpose (credentials, origin, protocol): retrying won't help.
-                    body = exc.response.body.decode(errors="replace").strip()
-                    self._emit(State("closed", error=f"server refused: HTTP {status} {body}"))
-                    return
-                error = _describe(exc)
-            except (OSError, TimeoutError, InvalidHandshake) as exc:
-                error = _describe(exc)
+                self.error, self.fatal = _handshake_refusal(exc, token=self.headers is not None)
             except InvalidURI as exc:
-                self._emit(State("closed", error=str(exc)))
-                raise
+                self.error, self.fatal = f"not a WebSocket URL: {exc}", True
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                self.error = _describe(exc)
             else:
                 attempt = 0
-                try:
-                    await self._serve(ws)
-                    reason = f" {ws.close_reason}" if ws.close_reason else ""
-                    error = f"server closed the connection ({ws.close_code}{reason})"
-                except ConnectionClosed as exc:
-                    error = _describe(exc)
-                finally:
-                    self._ws = None
-                    await ws.close()
+                self.error = await self._connected(ws)
+            if self.fatal:
+                self._emit(State("closed", error=self.error))
+                return
             if self._closing:
                 break
             attempt += 1
             low, high = self.backoff
             # Exponential backoff with full jitter: a restarted server is not stampeded.
             delay = random.uniform(low, min(high, low * 2**attempt))
-            self._emit(State("reconnecting", retry_in=delay, error=error))
+            self._emit(State("reconnecting", retry_in=delay, error=self.error))
             await self._sleep(delay)
         self._emit(State("closed"))
+
+    async def _connect(self) -> ClientConnection:
+        async with asyncio.timeout(self.open_timeout):
+            return await connect(
+                self.url,
+                subprotocols=[SUBPROTOCOL],
+                open_timeout=None,
+                ssl=self.ssl,
+                additional_headers=self.headers,
+            )
+
+    async def _connected(self, ws: ClientConnection) -> str:
+        """Serve one connection to its end; why it ended."""
+        try:
+            await self._serve(ws)
+            reason = f" {ws.close_reason}" if ws.close_reason else ""
+            return f"server closed the connection ({ws.close_code}{reason})"
+        except ConnectionClosed as exc:
+            return _describe(exc)
+        finally:
+            self._ws = None
+            self.clients = None  # not known again until the next snapshot
+            await ws.close()
 
     async def _sleep(self, delay: float) -> None:
         self._wake.clear()
@@ -260,7 +289,7 @@ class Session:
         if self.epoch is not None:
             # Coming back: ask for what we missed. The server replays it, then confirms
             # with a snapshot marked "recovered".
-            hello["since"] = self.seq
+            hello["since"] = self._since = self.seq
             hello["epoch"] = self.epoch
             self._recovering = True
         await ws.send(json.dumps(hello))
@@ -286,16 +315,36 @@ class Session:
                 raise exc
 
     async def _send(self, ws: ClientConnection) -> None:
-        # Everything unacked goes out again, in order, with its original id.
-        sent = self._sent = set()
+        # Everything unacked goes out again, in order, with its original id; adds refused
+        # as too many per second go first, at the pace the server accepts.
+        self._retry.clear()
+        self._sent_at.clear()
+        self._ready = deque(self.outbox)
+        loop = asyncio.get_running_loop()
         while not self._closing:
-            batch = [(i, d) for i, d in self.outbox.items() if i not in sent]
-            for req_id, delta in batch:
-                sent.add(req_id)
-                await ws.send(json.dumps({"type": "add", "delta": delta, "id": req_id}))
-            self._wake.clear()
-            if not any(i not in sent for i in self.outbox):
+            queue = self._next_queue()
+            if queue is None:
+                self._wake.clear()
                 await self._wake.wait()
+                continue
+            now = loop.time()
+            wait = self.pacer.delay(now)
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            req_id = queue.popleft()
+            self.pacer.sent(now)
+            self._sent_at[req_id] = now
+            await ws.send(json.dumps({"type": "add", "delta": self.outbox[req_id], "id": req_id}))
+
+    def _next_queue(self) -> deque[str] | None:
+        """The queue whose first id goes next, skipping ids answered meanwhile."""
+        for queue in (self._retry, self._ready):
+            while queue and queue[0] not in self.outbox:
+                queue.popleft()
+            if queue:
+                return queue
+        return None
 
     async def _receive(self, ws: ClientConnection) -> None:
         async for raw in ws:
@@ -318,16 +367,17 @@ class Session:
             self._recovering = False
             if msg["recovered"] and int(msg["seq"]) == self.seq:
                 self.clients = int(msg["clients"])
-                self._emit(
-                    Snapshot(self.epoch or "", self.seq, self.total, self.clients, recovered=True)
-                )
+                replayed = self.seq - self._since
+                snapshot = Snapshot(self.epoch or "", self.seq, self.total, self.clients)
+                self._emit(replace(snapshot, recovered=True, replayed=replayed))
                 return
         missed = None
         new_history = self.epoch is not None and msg["epoch"] != self.epoch
         if self.epoch is not None and not new_history and msg["seq"] > self.seq:
             missed = (self.seq + 1, int(msg["seq"]))
         self.epoch = str(msg["epoch"])
-        self.seq, self.total, self.clients = int(msg["seq"]), int(msg["total"]), msg["clients"]
+        self.seq, self.total = int(msg["seq"]), int(msg["total"])
+        self.clients = int(msg["clients"])
         self._emit(Snapshot(self.epoch, self.seq, self.total, self.clients, missed, new_history))
 
     def _on_updates(self, msg: dict[str, Any]) -> None:
@@ -350,6 +400,7 @@ class Session:
         delta = self.outbox.pop(req_id, None)
         if delta is None:
             return  # an answer to a resend we already had
+        self._sent_at.pop(req_id, None)
         self.acked += 1
         self.own_seqs.add(int(msg["seq"]))
         self._emit(
@@ -358,25 +409,38 @@ class Session:
         self._check_settled()
 
     def _on_error(self, msg: dict[str, Any]) -> None:
-        code = str(msg.get("code"))
-        req_id = msg.get("id")
-        delta = None
-        if isinstance(req_id, str) and code not in TRANSIENT:
-            delta = self.outbox.pop(req_id, None)
-            self.refused += 1
-        elif isinstance(req_id, str) and req_id in self.outbox:
+        code, message, req_id = str(msg.get("code")), str(msg.get("message")), msg.get("id")
+        if not isinstance(req_id, str) or req_id not in self.outbox:
+            # Not about an add of ours still waiting: a bad frame, or a late answer.
+            self._emit(Refused(code, message, req_id if isinstance(req_id, str) else None, None))
+            return
+        sent_at = self._sent_at.pop(req_id, None)
+        if code == "rate_limited":
+            self._slow_down(req_id, sent_at)
+        elif code in TRANSIENT:
             # "Not now": send it again shortly, same id, on this connection or the next.
-            asyncio.get_running_loop().call_later(RETRY_TRANSIENT, self._retry, req_id)
-        self._emit(Refused(code, str(msg.get("message")), req_id, delta))
-        self._check_settled()
+            asyncio.get_running_loop().call_later(RETRY_TRANSIENT, self._resend, req_id)
+            self._emit(Refused(code, message, req_id, None))
+        else:
+            self.refused += 1
+            self._emit(Refused(code, message, req_id, self.outbox.pop(req_id)))
+            self._check_settled()
+
+    def _slow_down(self, req_id: str, sent_at: float | None) -> None:
+        # Too many per second: nothing was applied. Resend it first, at a slower pace.
+        now = asyncio.get_running_loop().time()
+        if self.pacer.refused(now if sent_at is None else sent_at, now):
+            self._emit(Paced(self.pacer.rate(now) or 0.0))
+        self._resend(req_id)
 
     def _on_presence(self, msg: dict[str, Any]) -> None:
         self.clients = int(msg["clients"])
         self._emit(Presence(self.clients))
 
-    def _retry(self, req_id: str) -> None:
-        self._sent.discard(req_id)
-        self._wake.set()
+    def _resend(self, req_id: str) -> None:
+        if req_id in self.outbox:
+            self._retry.append(req_id)
+            self._wake.set()
 
     def _check_settled(self) -> None:
         if not self.outbox:
@@ -391,6 +455,22 @@ class Session:
 def _printable_name(name: str) -> str:
     # The server refuses names it could not show safely; escape ours so it is accepted.
     return escape_text(name, 32)[:32]
+
+
+def _handshake_refusal(exc: InvalidStatus, token: bool) -> tuple[str, bool]:
+    """What an HTTP answer to the handshake means, and whether it is final."""
+    status = exc.response.status_code
+    body = safe(exc.response.body.decode(errors="replace").strip(), 200)
+    detail = f": {body}" if body else ""
+    if status == 401 and token:
+        return f"the server did not accept the token (HTTP 401{detail})", True
+    if status == 503:
+        return f"the server is full (HTTP 503{detail})", False
+    if status in REFUSALS:
+        return f"{REFUSALS[status]} (HTTP {status}{detail})", True
+    if 400 <= status < 500:
+        return f"the server refused the handshake (HTTP {status}{detail})", True
+    return f"the server could not take the connection (HTTP {status}{detail})", False
 
 
 def _describe(exc: BaseException) -> str:

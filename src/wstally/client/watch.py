@@ -28,7 +28,8 @@ class WatchView:
         self.session = session
         self.recent: deque[Item] = deque(maxlen=keep)
         self.arrivals: deque[tuple[float, int]] = deque()
-        self.note = ""
+        self.note = ""  # about the history: updates missed while away
+        self.problem = ""  # about the connection: shown until it is back
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, Updates):
@@ -36,8 +37,10 @@ class WatchView:
             self.arrivals.append((time.monotonic(), len(event.items)))
         elif isinstance(event, Snapshot) and event.missed is not None:
             self.note = f"missed #{event.missed[0]} to #{event.missed[1]} while away"
+        elif isinstance(event, State) and event.state == "connected":
+            self.problem = ""
         elif isinstance(event, State) and event.error:
-            self.note = safe(event.error, 120)
+            self.problem = safe(event.error, 120)
 
     def rate(self, window: float = 5.0) -> float:
         now = time.monotonic()
@@ -48,11 +51,11 @@ class WatchView:
     def render(self) -> Panel:
         s = self.session
         big = Text(f"{s.total:,}", style="bold green", justify="center")
-        stats = Text(
-            f"seq {s.seq}  ·  {s.clients} client{'s' * (s.clients != 1)}  ·  "
-            f"{self.rate():.1f} updates/s  ·  {s.state}",
-            justify="center",
-        )
+        fields = [f"seq {s.seq}"]
+        if s.clients is not None:  # known only while connected
+            fields.append(f"{s.clients} client{'s' * (s.clients != 1)}")
+        fields += [f"{self.rate():.1f} updates/s", s.state]
+        stats = Text("  ·  ".join(fields), justify="center")
         table = Table(expand=True, show_edge=False, box=None)
         for column in ("seq", "delta", "total", "by"):
             table.add_column(column, justify="right" if column != "by" else "left")
@@ -61,14 +64,17 @@ class WatchView:
                 str(item.seq), f"{item.delta:+d}", f"{item.total:,}", safe(item.by or "anonymous")
             )
         parts: list[Text | Table] = [big, stats, table]
-        if self.note:
-            parts.append(Text(self.note, style="yellow"))
+        parts += [Text(note, style="yellow") for note in (self.note, self.problem) if note]
         return Panel(Group(*parts), title=f"wstally · {safe(s.url, 80)}")
 
 
 async def run_watch(
     session_options: dict[str, Any], as_json: bool, exit_after: int | None, tty: bool
 ) -> int:
+    """0 after --exit-after N updates; 2 if the server refused the connection for good.
+
+    (Ctrl-C, the usual way to leave, is 130: see commands.run.)
+    """
     seen = [0]
     done = asyncio.Event()
     view: WatchView
@@ -79,8 +85,6 @@ async def run_watch(
         elif isinstance(event, Updates):
             for item in event.items:
                 _print_line(item, as_json)
-        if isinstance(event, State) and event.state == "closed" and event.error and not tty:
-            print(f"wstally watch: {safe(event.error, 300)}", file=sys.stderr)
         if isinstance(event, Updates):
             seen[0] += len(event.items)
             if exit_after is not None and seen[0] >= exit_after:
@@ -101,6 +105,10 @@ async def run_watch(
                         await done.wait()
 
     await session.run_beside(show())
+    if session.fatal:
+        # After the live view is gone, so that the reason stays on the screen.
+        print(f"wstally watch: {safe(session.error, 300)}", file=sys.stderr)
+        return 2
     return 0
 
 

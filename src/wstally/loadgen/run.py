@@ -15,7 +15,6 @@ import sys
 import time
 from array import array
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,12 +23,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from wstally.loadgen import naive_server
 from wstally.loadgen.server_proc import ProcReader, SpawnedServer, healthz
 from wstally.loadgen.worker import Plan, Shared, new_histogram, run_worker
+from wstally.options import ws_url
 
 __all__ = ["main"]
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+DEFAULT_URL = "ws://127.0.0.1:8765/"
 RING = 1 << 20
 
 
@@ -38,7 +40,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="loadtest.py",
         description="Load a wstally server, measure it, and check that nothing was lost.",
     )
-    p.add_argument("--url", default="ws://127.0.0.1:8765/", help="server to load")
+    p.add_argument(
+        "--url",
+        type=ws_url,
+        default=DEFAULT_URL,
+        help="server to load (ignored with --spawn) [default %(default)s]",
+    )
     p.add_argument("--spawn", action="store_true", help="start a throwaway server for the run")
     p.add_argument(
         "--store",
@@ -61,8 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--compare",
         choices=("naive",),
-        help="run the same load against benchmarks/naive_server.py too (implies --spawn) "
-        "and print the ratios",
+        help="run the same load against the naive reference server too "
+        "(wstally.loadgen.naive_server; implies --spawn) and print the ratios",
     )
     p.add_argument(
         "--find-capacity",
@@ -145,12 +152,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def _healthz_retrying(
-    host: str, port: int, patience: float, tls: ssl.SSLContext | None
+    host: str, port: int, patience: float, tls: ssl.SSLContext | None, token: str | None
 ) -> dict[str, Any]:
     deadline = time.monotonic() + patience
     while True:
         try:
-            return healthz(host, port, tls=tls)
+            return healthz(host, port, tls=tls, token=token)
         except OSError:
             if time.monotonic() >= deadline:
                 raise
@@ -203,11 +210,30 @@ class LoadTest:
                 self.console.print(f"[red]{host} is not a loopback address; see --allow-remote")
                 return 2
             pid = args.server_pid
+            if not self._reachable(host, port):
+                return 2
         try:
             return self._run(host, port, pid)
         finally:
             if self.server is not None:
                 self.server.stop()
+
+    def _reachable(self, host: str, port: int) -> bool:
+        """Is a server answering there? One line when not, rather than a traceback."""
+        tls = ssl.create_default_context(cafile=self.args.cafile) if self.tls else None
+        try:
+            healthz(host, port, timeout=5.0, tls=tls, token=self.args.token)
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+            # Nothing listening says it all; anything else (TLS, HTTP) is worth naming.
+            why = "" if isinstance(reason, ConnectionRefusedError) else f" ({reason})"
+            self.console.print(
+                f"no server at {self.args.url}{why}; start one or use --spawn",
+                markup=False,
+                highlight=False,
+            )
+            return False
+        return True
 
     def _run(self, host: str, port: int, pid: int | None) -> int:
         args = self.args
@@ -283,7 +309,7 @@ class LoadTest:
             time.sleep(0.02)
         self.connect_wall = time.monotonic() - t_connect
         self.health_tls = ssl.create_default_context(cafile=args.cafile) if self.tls else None
-        self.start = healthz(host, port, tls=self.health_tls)
+        self.start = healthz(host, port, tls=self.health_tls, token=args.token)
         self.cpu0 = proc.cpu_seconds() if proc else None
         self.mem_before = proc.memory_kib() if proc else {}
         shared.go.set()
@@ -316,7 +342,7 @@ class LoadTest:
         self.send_wall = time.monotonic() - t0
         self.mem_during = proc.memory_kib() if proc else {}
         patience = 30.0 if args.reconnect else 0.0
-        self.final = _healthz_retrying(host, port, patience, self.health_tls)
+        self.final = _healthz_retrying(host, port, patience, self.health_tls, args.token)
         shared.final_seq.value = int(self.final["seq"])
         results: list[dict[str, Any]] = []
         deadline = time.monotonic() + 120
@@ -472,6 +498,8 @@ class LoadTest:
             "evicted_by_server": int(self.final.get("evicted", 0))
             - int(self.start.get("evicted", 0)),
             "resent": sum(r["resent"] for r in good),
+            # Refused as too many per second, then sent again (same id) at a slower pace.
+            "rate_limited": sum(r["rate_limited"] for r in good),
             "generator_cpu": [round(c, 3) for c in gen_cpu],
             "generator_saturated": any(c > 0.9 for c in gen_cpu),
             "start": self.start,
@@ -505,6 +533,8 @@ class LoadTest:
             f"{f['sent']:,} / {f['acked']:,} / {sum(f['refused'].values()):,}",
         )
         table.add_row("ingest (acked/s)", f"{f['ingest_per_s']:,.0f}")
+        if f["rate_limited"]:
+            table.add_row("rate-limited, then resent", f"{f['rate_limited']:,}")
         if f["stalled"]:
             table.add_row(
                 "stalled readers / evicted by the server",
@@ -544,15 +574,13 @@ def _ms(figs: dict[str, float], *keys: str) -> str:
     return " / ".join(f"{figs[k]:.2f}" for k in keys) + " ms"
 
 
-NAIVE = Path(__file__).resolve().parents[3] / "benchmarks" / "naive_server.py"
-
-
 def _compare(args: argparse.Namespace, console: Console) -> int:
     """The same load against wstally and the naive reference, one after the other."""
     results: dict[str, dict[str, Any]] = {}
     codes = []
     json_path = args.json
-    for label, command in (("wstally", args.server_cmd), ("naive", f"{sys.executable} {NAIVE}")):
+    naive = shlex.join(naive_server.COMMAND)
+    for label, command in (("wstally", args.server_cmd), ("naive", naive)):
         console.rule(label)
         run_args = argparse.Namespace(
             **{**vars(args), "spawn": True, "server_cmd": command, "json": None}

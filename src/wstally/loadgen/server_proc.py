@@ -18,10 +18,18 @@ __all__ = ["ProcReader", "SpawnedServer", "healthz"]
 
 
 def healthz(
-    host: str, port: int, timeout: float = 5.0, tls: ssl.SSLContext | None = None
+    host: str,
+    port: int,
+    timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
     url = f"{'https' if tls else 'http'}://{host}:{port}/healthz"
-    with urllib.request.urlopen(url, timeout=timeout, context=tls) as response:
+    request = urllib.request.Request(url)
+    if token:
+        # A server with --token shows its position (seq, total) only to who presents it.
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout, context=tls) as response:
         body: dict[str, Any] = json.load(response)
         return body
 

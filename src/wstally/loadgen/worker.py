@@ -14,11 +14,13 @@ import resource
 import ssl
 import time
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from wstally.client.pacing import Pacer
 from wstally.loadgen.wire import FrameClient, open_client
 
 __all__ = ["Plan", "Shared", "new_histogram", "run_worker"]
@@ -137,12 +139,18 @@ class SenderStats:
     refused: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     resent: int = 0
+    rate_limited: int = 0  # refusals as too many per second: each add was sent again
     delta_sum: int = 0
     seqs: array[int] = field(default_factory=lambda: array("q"))
 
 
 class Sender:
-    """Sends adds with ids, pipelined (bounded window) or paced (fixed rate)."""
+    """Sends adds with ids, pipelined (bounded window) or paced (fixed rate).
+
+    Every add leaves through :meth:`_pump`, at the pace the server accepts: an add refused
+    as ``rate_limited`` was not applied, so it is sent again, same id, first in line, and
+    the :class:`Pacer` slows the sender down, as ``wstally client`` does.
+    """
 
     def __init__(self, name: str, plan: Plan, shared: Shared, ack_hist: HdrHistogram) -> None:
         self.name = name
@@ -151,14 +159,17 @@ class Sender:
         self.ack_hist = ack_hist
         self.client: FrameClient | None = None
         self.stats = SenderStats()
-        self.sent_at: dict[int, float] = {}
+        self.sent_at: dict[int, float] = {}  # intended send time of every unanswered add
+        self.last_sent: dict[int, float] = {}  # when it actually left, last time
         self.deltas: dict[int, int] = {}
         self.next_n = 0
         self.finished = asyncio.Event()
         self.stopping = False
         self.rng = random.Random(hash(name))
-        self._queue: list[bytes] = []
-        self._flush_scheduled = False
+        self.pacer = Pacer()
+        self._due: deque[int] = deque()  # decided, not yet sent
+        self._retry: deque[int] = deque()  # refused as rate_limited: sent again first
+        self._pump_handle: asyncio.Handle | None = None
         self.ring = len(shared.send_times)
         self.resent: set[int] = set()
 
@@ -174,13 +185,13 @@ class Sender:
             self.plan.run_id.encode(),
             self.name.encode(),
         )
-        frames = [hello]
+        client.send(hello)
         if reattach:
-            for n in sorted(self.sent_at):
-                self.resent.add(n)
-                frames.append(self._frame(n))
-            self.stats.resent += len(frames) - 1
-        client.send_many(frames)
+            self._retry.clear()
+            self._due = deque(sorted(self.sent_at))
+            self.resent.update(self._due)
+            self.stats.resent += len(self._due)
+        self._schedule_pump()
 
     def _frame(self, n: int) -> bytes:
         return b'{"type":"add","delta":%d,"id":"%s-%d"}' % (self.deltas[n], self.name.encode(), n)
@@ -192,21 +203,36 @@ class Sender:
     def send_next(self, intended: float | None = None) -> None:
         n = self.next_n
         self.next_n += 1
-        delta = self.rng.randint(-1000, 1000)
-        self.deltas[n] = delta
+        self.deltas[n] = self.rng.randint(-1000, 1000)
         self.sent_at[n] = intended if intended is not None else time.monotonic()
-        self._queue.append(self._frame(n))
         self.stats.sent += 1
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._due.append(n)
+        self._schedule_pump()
 
-    def _flush(self) -> None:
+    def _schedule_pump(self) -> None:
         # Every add decided in this tick leaves in one write.
-        self._flush_scheduled = False
-        queue, self._queue = self._queue, []
-        if queue and self.client is not None:
-            self.client.send_many(queue)
+        if self._pump_handle is None:
+            self._pump_handle = asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_handle = None
+        if self.client is None:
+            return
+        now = time.monotonic()
+        frames: list[bytes] = []
+        while self._retry or self._due:
+            wait = self.pacer.delay(now)
+            if wait > 0:
+                loop = asyncio.get_running_loop()
+                self._pump_handle = loop.call_later(wait, self._pump)
+                break
+            n = (self._retry or self._due).popleft()
+            if n in self.sent_at:  # else answered meanwhile
+                self.pacer.sent(now)
+                self.last_sent[n] = now
+                frames.append(self._frame(n))
+        if frames:
+            self.client.send_many(frames)
 
     def on_text(self, p: bytes) -> None:
         if p.startswith(_UPDATES) or p.startswith(_PRESENCE):
@@ -224,6 +250,7 @@ class Sender:
         sent = self.sent_at.pop(n, None)
         if sent is None:
             return
+        self.last_sent.pop(n, None)
         stats = self.stats
         if ack.get("duplicate") and n not in self.resent:
             stats.duplicates += 1
@@ -239,36 +266,44 @@ class Sender:
 
     def _error(self, err: dict[str, Any]) -> None:
         code = err.get("code", "?")
-        self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
         req = err.get("id")
-        if req is not None:
-            n = int(req.rpartition("-")[2])
+        n = int(req.rpartition("-")[2]) if isinstance(req, str) else None
+        if code == "rate_limited" and n in self.sent_at:
+            self._slow_down(n)
+            return
+        self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
+        if n is not None:
             self.sent_at.pop(n, None)
+            self.last_sent.pop(n, None)
             self.deltas.pop(n, None)
         self._after_answer()
 
+    def _slow_down(self, n: int) -> None:
+        now = time.monotonic()
+        self.stats.rate_limited += 1
+        self.pacer.refused(self.last_sent.get(n, now), now)
+        self._retry.append(n)
+        self._schedule_pump()
+
     def _after_answer(self) -> None:
-        if self.plan.rate is None and not self.limit_reached():
-            self.send_next()
-        elif self.limit_reached() and not self.sent_at:
+        if self.plan.rate is None:
+            while not self.limit_reached() and len(self.sent_at) < self.plan.window:
+                self.send_next()
+        if self.limit_reached() and not self.sent_at:
             self.finished.set()
 
     async def run(self) -> None:
-        plan = self.plan
-        if plan.rate is None:
-            for _ in range(plan.window):
-                if self.limit_reached():
-                    break
-                self.send_next()
+        if self.plan.rate is None:
+            self._after_answer()
         else:
-            await self._paced(plan.rate)
+            await self._paced(self.plan.rate)
         if self.limit_reached() and not self.sent_at:
             self.finished.set()
         await self.finished.wait()
 
     async def _paced(self, rate: float) -> None:
         # Latency is measured from the intended send time, so a server that falls behind
-        # cannot hide it by slowing the generator down (coordinated omission).
+        # (or a rate limit that holds adds back) cannot hide it (coordinated omission).
         start = time.monotonic()
         interval = 1.0 / rate
         while not self.limit_reached():
@@ -515,6 +550,7 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
         "unanswered": sum(len(s.sent_at) for s in senders),
         "duplicates": sum(s.stats.duplicates for s in senders),
         "resent": sum(s.stats.resent for s in senders),
+        "rate_limited": sum(s.stats.rate_limited for s in senders),
         "reconnects": reconnects[0],
         "refused": _merge_counts(s.stats.refused for s in senders),
         "delta_sum": sum(s.stats.delta_sum for s in senders),
