@@ -180,3 +180,100 @@ def test_version_and_module_entry_point() -> None:
         [sys.executable, "-m", "wstally", "--version"], capture_output=True, text=True, check=True
     )
     assert result.stdout.startswith("wstally ")
+
+
+def wstally(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Any ``wstally`` command, expected to end by itself."""
+    return subprocess.run(
+        [sys.executable, "-m", "wstally", *args],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=within(20),
+        env={**os.environ, **(env or {})},
+    )
+
+
+INTEGER_0_65535 = "use an integer from 0 to 65535"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("serve", "--port", "99999"), f"--port: 99999 is out of range: {INTEGER_0_65535}"),
+        (("serve", "--port", "-1"), f"--port: -1 is out of range: {INTEGER_0_65535}"),
+        (("serve", "--buffer-limit", "-1"), "--buffer-limit: -1 is out of range: use an integer"),
+        (("serve", "--max-connections", "0"), "--max-connections: 0 is out of range"),
+        (("serve", "--rate-limit", "-5"), "--rate-limit: -5 is out of range: use a number of"),
+        (("serve", "--flush-interval", "nan"), "--flush-interval: nan is out of range"),
+        (("serve", "--slow-timeout", "abc"), "--slow-timeout: 'abc' is not a number of at least"),
+        (("serve", "--stats-interval", "inf"), "--stats-interval: inf is out of range"),
+        (("serve", "--ping-timeout", "-1"), "--ping-timeout: -1 is out of range"),
+        (("client", "--timeout", "0"), "--timeout: 0 is out of range: use a number greater than"),
+        (("watch", "--exit-after", "0"), "--exit-after: 0 is out of range: use an integer of at"),
+        (("logs", "--top", "0"), "--top: 0 is out of range"),
+        (("history", "--tail", "-3"), "--tail: -3 is out of range"),
+        (("client", "--name", "x" * 33), "--name: a name is 1 to 32 printable characters"),
+    ],
+)
+def test_out_of_range_numbers_are_usage_errors(args: tuple[str, ...], says: str) -> None:
+    result = wstally(*args)
+    assert result.returncode == 2
+    assert f"wstally {args[0]}: error: argument {says}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value", "says"),
+    [
+        ("serve", "STATS_INTERVAL", "abc", "'abc' is not a number of at least 0"),
+        ("serve", "PORT", "99999", "'99999' is out of range: use an integer from 0 to 65535"),
+        ("serve", "BUFFER_LIMIT", "-1", "'-1' is out of range: use an integer of at least 0"),
+        ("serve", "MAX_CONNECTIONS", "lots", "'lots' is not an integer of at least 1"),
+        ("serve", "RATE_LIMIT", "-1", "'-1' is out of range"),
+        ("serve", "FLUSH_INTERVAL", "5000", "'5000' is out of range: use a number from 0 to 1000"),
+        ("serve", "SLOW_TIMEOUT", "x", "'x' is not a number"),
+        ("serve", "PING_INTERVAL", "-2", "'-2' is out of range"),
+        ("serve", "PING_TIMEOUT", "nan", "'nan' is out of range"),
+        ("serve", "MEMORY", "maybe", "'maybe' is not a switch"),
+        ("serve", "COMPRESSION", "2", "'2' is not a switch"),
+        ("serve", "LOOP", "tokio", "'tokio': use one of auto, asyncio, uvloop"),
+        ("serve", "LOG_LEVEL", "loud", "'loud': use one of debug, info, warning"),
+        ("serve", "LOG_FORMAT", "xml", "'xml': use one of auto, console, json"),
+        ("client", "URL", "http://127.0.0.1:1", "is an HTTP URL; the WebSocket URL would be"),
+        ("watch", "URL", "ftp://x/", "is not a WebSocket URL"),
+    ],
+)
+def test_every_environment_variable_is_checked_like_its_flag(
+    command: str, variable: str, value: str, says: str
+) -> None:
+    name = f"WSTALLY_{variable}"
+    result = wstally(command, env={name: value})
+    assert result.returncode == 2
+    assert f"wstally {command}: error: {name}={value!r}" in result.stderr
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_variable_concerns_only_the_command_that_reads_it() -> None:
+    bad = {"WSTALLY_STATS_INTERVAL": "abc", "WSTALLY_PORT": "x"}
+    version = wstally("--version", env=bad)
+    assert version.returncode == 0, version.stderr
+    assert wstally("client", "--help", env=bad).returncode == 0
+
+
+def test_a_flag_wins_over_a_bad_variable(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSTALLY_PORT", "99999")
+    monkeypatch.setenv("WSTALLY_MEMORY", "yes")
+    server = serve("--port", "0")
+    assert server.health()["seq"] == 0
+    assert server.stop() == 0
+
+
+def test_help_states_the_exit_codes_and_each_variable() -> None:
+    top = wstally("--help")
+    for code in ("0 ", "1 ", "2 ", "130"):
+        assert f"\n  {code}" in top.stdout
+    serve = wstally("serve", "--help").stdout
+    for variable in ("PORT", "BUFFER_LIMIT", "MAX_CONNECTIONS", "RATE_LIMIT", "PING_TIMEOUT"):
+        assert f"WSTALLY_{variable}" in serve

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +137,80 @@ def test_find_capacity_steps_until_the_limit(tmp_path: Path) -> None:
     assert [s["watchers"] for s in report["steps"]] == [10, 20, 30]
     assert report["capacity"] == 30
     assert "largest audience that held" in result.stdout
+
+
+def test_compare_naive_works_from_an_installed_package(tmp_path: Path) -> None:
+    # The package copied away from the source checkout, as pip would install it: the naive
+    # reference server must come with it, not from benchmarks/ in a clone.
+    site = tmp_path / "site"
+    shutil.copytree(
+        ROOT / "src" / "wstally", site / "wstally", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    script = tmp_path / "loadtest.py"
+    shutil.copy(SCRIPT, script)
+    out = tmp_path / "compare.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--quiet",
+            "--compare",
+            "naive",
+            "--store",
+            "memory",
+            "--watchers",
+            "3",
+            "--senders",
+            "1",
+            "--updates",
+            "100",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=within(120),
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Traceback" not in output
+    report = json.loads(out.read_text())
+    assert report["runs"]["naive"]["pass"] is True
+    assert report["runs"]["naive"]["acked"] == 100
+
+
+def test_no_server_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens once it is closed
+    code, _, output = loadtest(tmp_path, "--url", f"ws://127.0.0.1:{port}/", "--duration", "1")
+    assert code == 2
+    assert output.strip() == f"no server at ws://127.0.0.1:{port}/; start one or use --spawn"
+    # The default URL, as the README's first command would meet it with no server running.
+    code, _, output = loadtest(tmp_path, "--duration", "1")
+    if code == 2:  # (unless someone's server does listen on 8765 on this machine)
+        assert output.strip() == "no server at ws://127.0.0.1:8765/; start one or use --spawn"
+
+
+def test_rate_limited_senders_pace_themselves_and_resend(tmp_path: Path) -> None:
+    code, figures, output = loadtest(
+        tmp_path,
+        "--spawn",
+        "--server-cmd",
+        f"{sys.executable} -m wstally serve --memory --rate-limit 400",
+        "--watchers",
+        "3",
+        "--senders",
+        "2",
+        "--window",
+        "400",
+        "--updates",
+        "2000",
+    )
+    assert code == 0, output
+    assert figures["rate_limited"] > 0, "the limit was never met"
+    assert figures["refused"] == {}
+    assert figures["acked"] == figures["sent"] == 2000
+    assert figures["final"]["seq"] - figures["start"]["seq"] == 2000
