@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from helpers import GatedStore, JsonClient, ServerFactory, http_get, within
 from servers import ServeProcess
 from wstally import protocol
-from wstally.committer import MAX_BATCH
+from wstally.batcher import MAX_BATCH
 from wstally.protocol import SUBPROTOCOL
 from wstally.server import FD_RESERVE, FLOW_HIGH, MAX_RECOVERY
 from wstally.store import MemoryStore
@@ -188,9 +188,8 @@ async def test_commits_falling_behind_stop_the_reading(
     # The gate closed: what is applied but not committed stays near its mark, while the
     # rest waits in socket buffers (the senders' own sends stall).
     assert server.flow.blocked
-    backlog = server.tally.seq - server.tally.committed_seq
-    # (the batch on its way to disk, at most MAX_BATCH, comes on top of the mark)
-    assert FLOW_HIGH <= backlog <= FLOW_HIGH + MAX_BATCH + 4 * 64, backlog
+    backlog = server.batcher.backlog  # (the batch on its way to disk comes on top)
+    assert FLOW_HIGH <= backlog <= FLOW_HIGH + 4 * 64, backlog
     read = sum(p.messages_in for p in server.hub.peers)
     await asyncio.sleep(within(0.5))
     assert sum(p.messages_in for p in server.hub.peers) == read  # nothing more is read
@@ -261,7 +260,7 @@ async def test_a_replaying_client_that_never_reads_is_evicted(
     store = MemoryStore()
     store.commit([Update(n, 1, n, 0.0, "prefill") for n in range(1, MAX_RECOVERY + 1)])
     server = await make_server(store=store, slow_timeout=within(1))
-    epoch = server.tally.epoch
+    epoch = server.position.epoch
     attackers = []
     for i in range(8):
         # A tiny receive buffer: the kernel cannot absorb the replay for the attacker.

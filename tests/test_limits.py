@@ -40,8 +40,8 @@ async def test_a_flooder_is_rate_limited_and_others_are_unaffected(
     assert polite_seconds < within(2)
     # Nothing the flooder was told was applied is missing, and nothing else was applied.
     expected = sum(i % 7 - 3 for i in acked) + 10
-    assert server.tally.committed_total == expected
-    assert server.tally.committed_seq == len(acked) + 10
+    assert server.position.total == expected
+    assert server.position.seq == len(acked) + 10
 
 
 async def test_plain_flooders_get_a_readable_refusal(make_server: ServerFactory) -> None:
@@ -54,7 +54,7 @@ async def test_plain_flooders_get_a_readable_refusal(make_server: ServerFactory)
         replies = [await asyncio.wait_for(ws.recv(), within(5)) for _ in range(20)]
     refused = [r for r in replies if str(r).startswith("error: too many adds")]
     assert len(refused) >= 14
-    assert server.tally.total == 20 - len(refused)
+    assert server.position.total == 20 - len(refused)
     assert json.dumps(replies)  # text frames only
 
 

@@ -96,6 +96,7 @@ async def test_server_started_stopping_stopped(make_server: ServerFactory, event
     started = events.one("server.started")
     assert started["log_level"] == "info"
     assert fields(started) == {
+        "engine",
         "url",
         "host",
         "port",
@@ -231,7 +232,7 @@ async def test_a_flood_of_refusals_is_logged_at_info_only_at_first(
 async def test_commits_slow_and_failed(make_server: ServerFactory, events: Events) -> None:
     store = GatedStore()
     server = await make_server(store=store)
-    server.committer.slow_commit = 0.05
+    server.batcher.slow_commit = 0.05
     client = await JsonClient.connect(server.url, {"client": "c"})
     assert (await client.add(1, "quick"))["type"] == "ack"
     committed = await events.wait("store.committed")
@@ -268,7 +269,7 @@ async def test_commits_slow_and_failed(make_server: ServerFactory, events: Event
     await client.close()
 
 
-async def test_committer_error_is_critical_with_its_traceback(
+async def test_feed_error_is_critical_with_its_traceback(
     make_server: ServerFactory, events: Events, clients: list[JsonClient]
 ) -> None:
     server = await make_server(memory=True)
@@ -282,9 +283,32 @@ async def test_committer_error_is_critical_with_its_traceback(
 
     server.hub.publish = broken  # type: ignore[method-assign]
     await client.send({"type": "add", "delta": 1})
-    error = await events.wait("committer.error")
+    error = await events.wait("feed.error")
     assert error["log_level"] == "critical"
     assert error["exc_info"] is True
+    # The feed goes on: the next update is broadcast.
+    await client.send({"type": "add", "delta": 1})
+    assert (await client.expect("updates"))["seq"] == 2
+
+
+async def test_batcher_error_is_critical_with_its_traceback(
+    make_server: ServerFactory, events: Events, clients: list[JsonClient]
+) -> None:
+    server = await make_server(memory=True)
+    client = await JsonClient.connect(server.url)
+    clients.append(client)
+    send = server.hub.send
+
+    def broken(peer: Any, text: str) -> None:
+        server.hub.send = send  # type: ignore[method-assign]
+        raise RuntimeError("boom")
+
+    server.hub.send = broken  # type: ignore[method-assign]
+    await client.send({"type": "add", "delta": 1, "id": "lost-ack"})
+    error = await events.wait("batcher.error")
+    assert error["log_level"] == "critical"
+    assert error["exc_info"] is True
+    assert (await client.add(1, "next"))["type"] == "ack"
 
 
 async def test_server_stats_every_interval(make_server: ServerFactory, events: Events) -> None:
@@ -503,7 +527,7 @@ async def test_no_debug_events_at_info(make_server: ServerFactory) -> None:
         await server.stop()
     # Per-update events are not even built: the server decided so once, at its start.
     assert server._debug is False
-    assert server.committer._debug is False
+    assert server.batcher._debug is False
     assert [e for e in events.captured if e["log_level"] == "debug"] == []
     assert events.one("conn.closed")["applied"] == 1
 

@@ -141,7 +141,7 @@ async def test_duplicate_of_a_pending_add_is_answered_after_the_commit(
         {"type": "ack", "id": "a", "seq": 1, "total": 7},
         {"type": "ack", "id": "a", "seq": 1, "total": 7, "duplicate": True},
     ]
-    assert server.tally.total == 7
+    assert server.position.total == 7
 
 
 async def test_duplicate_id_is_not_applied_again(
@@ -173,7 +173,7 @@ async def test_ids_are_scoped_by_client_or_by_connection(
     a_again = await JsonClient.connect(server.url, {"client": "A"})
     clients.append(a_again)
     assert (await a_again.add(1, "same"))["duplicate"] is True
-    assert server.tally.total == 4
+    assert server.position.total == 4
 
 
 async def test_total_seq_epoch_and_ids_survive_a_restart(
@@ -205,7 +205,7 @@ async def test_total_seq_epoch_and_ids_survive_a_restart(
 async def test_memory_store_gets_a_new_epoch_each_start(make_server: ServerFactory) -> None:
     one = await make_server(memory=True)
     two = await make_server(memory=True)
-    assert one.tally.epoch != two.tally.epoch
+    assert one.position.epoch != two.position.epoch
 
 
 JSON_BAD_INPUTS: list[tuple[str, str]] = [
@@ -299,7 +299,7 @@ async def test_binary_frames_are_refused_in_both_modes(
         await plain.send(b"5")
         reply = await asyncio.wait_for(plain.recv(decode=True), within(5))
         assert reply == "error: binary frames are not supported; send text"
-    assert server.tally.total == 0
+    assert server.position.total == 0
 
 
 PLAIN_BAD_INPUTS = [
@@ -373,8 +373,8 @@ async def test_int64_edges(server: TallyServer, clients: list[JsonClient]) -> No
             reply = await asyncio.wait_for(plain.recv(decode=True), within(5))
         assert reply.startswith("error: ")
         assert "64-bit" in reply
-    assert server.tally.total == INT64_MIN
-    assert server.tally.seq == 3
+    assert server.position.total == INT64_MIN
+    assert server.position.seq == 3
 
 
 async def test_oversized_frame_closes_with_1009(
@@ -388,7 +388,7 @@ async def test_oversized_frame_closes_with_1009(
             await client.recv()
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1009
-    assert server.tally.total == 0
+    assert server.position.total == 0
 
 
 async def test_invalid_utf8_closes_with_1007(server: TallyServer) -> None:
@@ -400,7 +400,7 @@ async def test_invalid_utf8_closes_with_1007(server: TallyServer) -> None:
             await asyncio.wait_for(plain.recv(decode=True), within(5))
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 1007
-    assert server.tally.total == 0
+    assert server.position.total == 0
 
 
 async def test_unknown_subprotocol_is_refused_with_http_400(server: TallyServer) -> None:
@@ -422,14 +422,16 @@ async def test_healthz_and_other_paths(server: TallyServer) -> None:
             "seq": 1,
             "total": 42,
             "clients": 1,
-            "epoch": server.tally.epoch,
+            "epoch": server.position.epoch,
             "lagging": 0,
             "evicted": 0,
+            "engine": {"engine": "memory", "store": "memory"},
         }
     status, _, _ = await http_get(server.port, "/nope")
     assert status == 404
-    status, _, _ = await http_get(server.port, "/")
-    assert status == 404
+    status, headers, _ = await http_get(server.port, "/")
+    assert status == 200  # the live page (see test_web.py)
+    assert headers["content-type"].startswith("text/html")
     with pytest.raises(InvalidStatus) as refused:
         await connect(server.url + "elsewhere")
     assert refused.value.response.status_code == 404
@@ -461,7 +463,7 @@ async def test_commit_failure_tells_no_one_and_keeps_the_total(
     refused = await client.add(5, "lost")
     assert refused["code"] == "store_failed"
     assert refused["id"] == "lost"
-    assert server.tally.total == 10
+    assert server.position.total == 10
     store.fail = False
     ack = await client.add(1, "next")
     assert (ack["seq"], ack["total"]) == (2, 11)

@@ -14,10 +14,11 @@ from typing import Any
 
 from helpers import GatedStore, JsonClient, ServerFactory, within
 from servers import ServeProcess
+from wstally.engine.local import CHECK_INTERVAL
 from wstally.store import SQLiteStore
 
 SECRET = "h3alth-s3cret-value"
-DETAILS = {"seq", "total", "clients", "epoch", "lagging", "evicted"}
+DETAILS = {"seq", "total", "clients", "epoch", "lagging", "evicted", "engine"}
 
 
 async def healthz(port: int, query: str = "", *headers: str) -> tuple[int, dict[str, Any]]:
@@ -53,7 +54,7 @@ async def test_failing_commits_make_healthz_degraded_until_one_succeeds(
     assert body["reason"] == "commit failed: [Errno 28] No space left on device"
     assert (body["seq"], body["total"]) == (1, 10)
     # Idle checks do not clear it: only a good commit says the store works again.
-    await asyncio.sleep(server.committer.check_interval * 2)
+    await asyncio.sleep(CHECK_INTERVAL * 2)
     assert (await healthz(server.port))[0] == 503
 
     store.fail = False
@@ -79,7 +80,7 @@ async def test_healthz_details_are_for_holders_of_the_token(
         status, body = await healthz(port, query, *headers)
         assert status == 200
         assert set(body) == {"status", *DETAILS}
-        assert body["epoch"] == server.tally.epoch
+        assert body["epoch"] == server.position.epoch
 
     client = await JsonClient.connect(server.url + f"?token={SECRET}", {"client": "c"})
     clients.append(client)
@@ -201,10 +202,10 @@ async def test_replacing_the_database_is_noticed_and_the_new_file_is_left_alone(
     other.close()
     os.replace(tmp_path / "other.db", tmp_path / "tally.db")
     started = time.monotonic()
-    while server.committer.degraded is None:
+    while server.engine.status().get("degraded") is None:
         assert time.monotonic() - started < within(1)
         await asyncio.sleep(0.01)
-    assert "was replaced by another file" in server.committer.degraded
+    assert "was replaced by another file" in server.engine.status()["degraded"]
     assert (await client.add(1, "b"))["code"] == "store_failed"
     await client.close()
     await server.stop()

@@ -129,6 +129,12 @@ class TallyConnection(ServerConnection):
         # websockets resumes reading once the handler drains its queue: not any more.
         self.recv_messages.resume = _stay_paused
 
+    def release_reading(self) -> None:
+        """Read again: the close handshake needs the client's close frame."""
+        self.recv_messages.resume = self.transport.resume_reading
+        if not self.recv_messages.paused:
+            self.transport.resume_reading()
+
     def queued(self) -> int:
         """Frames read from the socket that the handler has not taken yet."""
         return len(self.recv_messages.frames)

@@ -182,6 +182,31 @@ class Hub:
         self.skipped = 0
         self.evicted = 0
 
+    # Position
+
+    def reset(self, epoch: str, seq: int, total: int) -> None:
+        """Where the feed starts (at start, before anyone connects)."""
+        self.epoch, self.seq, self.total = epoch, seq, total
+
+    def restart(self, epoch: str, seq: int, total: int, reason: str) -> None:
+        """A new history replaced the one everyone follows: what was pending belongs to the
+        old one; every client gets the new position (JSON: a snapshot, not recovered)."""
+        self._pending = []
+        self.flow.level("broadcast", 0)
+        self.reset(epoch, seq, total)
+        for peer in self.peers:
+            self.cancel_hold(peer)
+            peer.recovering = False
+            if peer.mode is Mode.JSON:
+                self.send(peer, self.snapshot(peer, recovered=False, reason=reason))
+            else:
+                self.send(peer, protocol.encode_plain_total(total))
+
+    @property
+    def pending(self) -> Sequence[Update]:
+        """Committed updates not broadcast yet."""
+        return self._pending
+
     # Registry
 
     def register(self, peer: Peer, hold: float = 0.0) -> None:

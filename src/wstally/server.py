@@ -1,7 +1,7 @@
 """``wstally serve``: the WebSocket endpoint, the per-connection handler and shutdown.
 
 The handler only parses and applies; committing, acknowledging and broadcasting happen in
-the committer and the hub, so the path of an add never waits on another client.
+the batcher, the engine and the hub, so the path of an add never waits on another client.
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ from websockets.protocol import State
 from websockets.typing import Origin, Subprotocol
 
 from wstally import __version__, logsetup, protocol
-from wstally.committer import MAX_BATCH, Committer
+from wstally.batcher import MAX_BATCH, Batcher
 from wstally.connection import FLOOD, TallyConnection, connection_class
+from wstally.engine.base import Engine, FeedEvent, Position, Published, Submission
+from wstally.engine.local import LocalEngine
 from wstally.flow import Flow
 from wstally.hub import Hub, Mode, Peer
 from wstally.protocol import SUBPROTOCOL, Add, Hello, ProtocolError
 from wstally.stats import StatsLogger
 from wstally.store import MemoryStore, SQLiteStore, Store, StoreError
-from wstally.tally import Duplicate, Refused, Tally, Update
 
 __all__ = ["ServerConfig", "TallyServer", "run"]
 
@@ -101,33 +102,37 @@ class ServerConfig:
     def open_store(self) -> Store:
         return MemoryStore() if self.memory else SQLiteStore(self.db)
 
+    def open_engine(self) -> Engine:
+        return LocalEngine(self.open_store())
+
 
 class StartupError(Exception):
     """The server cannot start; the message tells the operator why."""
 
 
 class TallyServer:
-    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, store: Store | None = None, engine: Engine | None = None
+    ) -> None:
         self.config = config
-        self.store = store if store is not None else config.open_store()
-        state = self.store.load(window=Tally(epoch="").window)
-        self.tally = Tally(state.epoch, state.seq, state.total)
-        for update in state.recent_ids:
-            assert update.req_id is not None
-            self.tally.remember(update.scope, update.req_id, update.seq, update.total)
+        if engine is None:
+            engine = LocalEngine(store) if store is not None else config.open_engine()
+        self.engine = engine
         self.flow = Flow(high=FLOW_HIGH, low=FLOW_LOW)
         self._replays = asyncio.Semaphore(MAX_REPLAYS)
+        # The hub's position comes from the engine's feed only (set in start()).
         self.hub = Hub(
-            epoch=state.epoch,
-            seq=state.seq,
-            total=state.total,
+            epoch="",
+            seq=0,
+            total=0,
             buffer_limit=config.buffer_limit,
             flush_interval=config.flush_interval,
             slow_timeout=config.slow_timeout,
             on_resync=self._resynced,
             flow=self.flow,
         )
-        self.committer = Committer(self.tally, self.store, self.hub, self.flow)
+        self.batcher = Batcher(self.engine, self.hub, self.flow, self._refuse)
+        self._feed_task: asyncio.Task[None] | None = None
         self.draining = False
         self.stopped = False
         self._tasks: set[asyncio.Future[None]] = set()
@@ -160,14 +165,23 @@ class TallyServer:
                 capacity=self.capacity,
                 fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             )
-        self.committer.start()
         cfg = self.config
         try:
             tls = _tls_context(cfg)
         except (OSError, ssl.SSLError) as exc:
-            self.committer.close()
-            self.store.close()
+            await self.engine.close()
             raise StartupError(f"cannot load the TLS certificate or key: {exc}") from exc
+        try:
+            start = await self.engine.open()
+        except BaseException:
+            await self.engine.close()
+            raise
+        self.hub.reset(start.epoch, start.seq, start.total)
+        self.batcher.start(start.seq, start.total)
+        # The feed runs in an empty context: what it logs is about no connection.
+        self._feed_task = asyncio.get_running_loop().create_task(
+            self._follow(), name="feed", context=contextvars.Context()
+        )
         try:
             self._server = await serve(
                 self._handle,
@@ -191,8 +205,7 @@ class TallyServer:
                 backlog=4096,
             )
         except OSError as exc:
-            self.committer.close()
-            self.store.close()
+            await self._close_engine()
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {reason}") from exc
         log.info(
@@ -200,10 +213,11 @@ class TallyServer:
             url=self.url,
             host=cfg.host,
             port=self.port,
-            store=self.store.description,
-            epoch=self.tally.epoch,
-            seq=self.tally.seq,
-            total=self.tally.total,
+            engine=self.engine.name,
+            store=self.engine.description,
+            epoch=start.epoch,
+            seq=start.seq,
+            total=start.total,
             compression=cfg.compression,
             version=__version__,
             pid=os.getpid(),
@@ -235,7 +249,7 @@ class TallyServer:
         log.info(
             "server.stopping",
             clients=self.hub.clients,
-            pending=self.tally.seq - self.tally.committed_seq,
+            pending=self.batcher.backlog,
         )
         self._server.server.close()
         self.draining = True
@@ -244,7 +258,8 @@ class TallyServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stats_task
         await self._answer_what_was_read()
-        await self.committer.drain()
+        await self.batcher.drain()
+        await self._until_published()
         # Replays in progress would read from a store about to close.
         for task in list(self._tasks):
             task.cancel()
@@ -252,6 +267,9 @@ class TallyServer:
         self.hub.flush(force=True)
         for peer in list(self.hub.peers):
             peer.resume()
+        for peer in list(self.hub.peers):
+            if isinstance(peer.ws, TallyConnection):
+                peer.ws.release_reading()
         self._server.close(close_connections=True)
         try:
             # A client that stopped reading never lets its close handshake through:
@@ -263,16 +281,68 @@ class TallyServer:
                 peer.ws.transport.abort()
             await self._server.wait_closed()
         self.hub.close()
-        self.committer.close()
-        self.store.close()
+        await self._close_engine()
         self.stopped = True
         log.info(
             "server.stopped",
-            seq=self.tally.seq,
-            total=self.tally.total,
-            epoch=self.tally.epoch,
+            seq=self.hub.seq,
+            total=self.hub.total,
+            epoch=self.hub.epoch,
             uptime=round(time.time() - self.started_at, 3),
         )
+
+    @property
+    def position(self) -> Position:
+        """The last update this node knows committed: acknowledged here, or published."""
+        hub, batcher = self.hub, self.batcher
+        if batcher.seq > hub.seq:
+            return Position(hub.epoch, batcher.seq, batcher.total)
+        return Position(hub.epoch, hub.seq, hub.total)
+
+    async def _follow(self) -> None:
+        """Hand every committed update, this node's and other nodes', to the hub in order."""
+        async for event in self.engine.feed():
+            try:
+                self._on_feed(event)
+            except Exception:
+                # One bad event must not stop the broadcast for good: log it and go on.
+                log.critical("feed.error", exc_info=True)
+
+    def _on_feed(self, event: FeedEvent) -> None:
+        if type(event) is Published:
+            self.hub.publish(event.updates)
+            return
+        assert not isinstance(event, Published)
+        position = event.position
+        log.warning(
+            "engine.reset",
+            reason=event.reason,
+            epoch=position.epoch,
+            seq=position.seq,
+            total=position.total,
+            previous_epoch=self.hub.epoch,
+            previous_seq=self.hub.seq,
+        )
+        self.batcher.seq, self.batcher.total = position.seq, position.total
+        self.hub.restart(position.epoch, position.seq, position.total, event.reason)
+
+    async def _until_published(self) -> None:
+        # Everything acknowledged also goes out on the broadcast before the close frames.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2.0
+        hub = self.hub
+        while (hub.pending[-1].seq if hub.pending else hub.seq) < self.batcher.seq:
+            if loop.time() > deadline:
+                break
+            await asyncio.sleep(0.001)
+
+    async def _close_engine(self) -> None:
+        self.batcher.close()
+        if self._feed_task is not None:
+            self._feed_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feed_task
+        await self.engine.close()
 
     async def _answer_what_was_read(self) -> None:
         """Stop reading; let every handler take the frames already read, so each add gets
@@ -324,7 +394,8 @@ class TallyServer:
 
     def _health(self, request: Request) -> tuple[HTTPStatus, dict[str, object]]:
         """503 while the store cannot commit; the details only for holders of the token."""
-        degraded = self.committer.degraded
+        engine = self.engine.status()
+        degraded = engine.get("degraded")
         body: dict[str, object] = {
             "status": "degraded" if degraded else "stopping" if self.draining else "ok"
         }
@@ -332,13 +403,15 @@ class TallyServer:
         if token is None or _presented(request, token):
             if degraded:
                 body["reason"] = degraded
+            position = self.position
             body.update(
                 # Committed, hence acknowledged: a client that holds an ack finds it here,
                 # even if the broadcast carrying it is still a few milliseconds away.
-                seq=self.tally.committed_seq,
-                total=self.tally.committed_total,
+                seq=position.seq,
+                total=position.total,
                 clients=self.hub.clients,
-                epoch=self.hub.epoch,
+                epoch=position.epoch,
+                engine=engine,
                 # For monitoring (and the load test): clients behind, and closed for it.
                 lagging=len(self.hub.lagging),
                 evicted=self.hub.evicted,
@@ -399,6 +472,10 @@ class TallyServer:
             )
             flow = self.flow
             async for message in ws:
+                if self.draining and ws.protocol.state is not State.OPEN:
+                    # Read after our close frame went out (the close handshake needs
+                    # reading): it cannot be answered, and the client knows to resend it.
+                    break
                 if peer.lagging:
                     await _until_drained(peer, ws)
                 if flow.blocked:
@@ -508,6 +585,7 @@ class TallyServer:
     async def _replay(self, peer: Peer, since: int) -> None:
         hub = self.hub
         ws = peer.ws
+        epoch = hub.epoch
         replayed = 0
         cursor = since
         # A chunk at a time: commits (and so acks) take turns with the reads on the store's
@@ -517,13 +595,13 @@ class TallyServer:
             # to read is not, so a client that never reads cannot hold up anyone's replay.
             async with self._replays:
                 try:
-                    batch = await self.committer.read(
-                        self.store.history, cursor, min(hub.seq - cursor, RECOVERY_CHUNK)
-                    )
+                    batch = await self.engine.history(cursor, min(hub.seq - cursor, RECOVERY_CHUNK))
                 except Exception as exc:
                     # Whatever failed, the client must not be left waiting for a replay.
                     log.error("conn.recovery_failed", since=since, error=str(exc))
                     return self._not_recovered(peer, since, "history unavailable")
+                if hub.epoch != epoch:
+                    return self._not_recovered(peer, since, "new history: the epoch changed")
                 if not batch or batch[0].seq != cursor + 1:
                     # Whatever was replayed so far is superseded by the snapshot.
                     return self._not_recovered(peer, since, "those updates are no longer kept")
@@ -571,29 +649,9 @@ class TallyServer:
                 peer, "shutting_down", "the server is shutting down; not applied", req_id, raw
             )
             return
-        result = self.tally.apply(
-            delta,
-            conn=peer.id,
-            at=time.time(),
-            client=peer.client,
-            name=peer.name,
-            req_id=req_id,
+        self.batcher.add(
+            peer, Submission(delta, peer.id, time.time(), peer.client, peer.name, req_id)
         )
-        if type(result) is Update:
-            peer.applied += 1
-            self.committer.add(peer, result)
-            if self._debug:
-                log.debug(
-                    "update.applied", seq=result.seq, delta=delta, total=result.total, id=req_id
-                )
-        elif type(result) is Duplicate:
-            peer.duplicates += 1
-            self.committer.duplicate(peer, result)
-            if self._debug:
-                log.debug("update.duplicate", id=req_id, seq=result.seq)
-        else:
-            assert type(result) is Refused
-            self._refuse(peer, result.code, result.message, req_id, raw)
 
     def _invalid(self, peer: Peer) -> None:
         """Count a malformed frame; a connection sending them in a loop is closed (1008)."""

@@ -58,7 +58,7 @@ class Counters:
             opened=server.opened,
             closed=server.closed,
             refused=server.refused,
-            committed=server.committer.committed,
+            committed=server.batcher.committed,
             deliveries=server.hub.deliveries,
             lagged=server.hub.skipped,
         )
@@ -71,7 +71,7 @@ class StatsLogger:
         self.server = server
         self.interval = interval
         self._last = Counters.read(server)
-        server.committer.take_window()
+        server.batcher.take_window()
 
     async def run(self) -> None:
         while True:
@@ -82,7 +82,7 @@ class StatsLogger:
         server = self.server
         now = Counters.read(server)
         last, self._last = self._last, now
-        window = server.committer.take_window()
+        window = server.batcher.take_window()
         elapsed = max(now.at - last.at, 1e-9)
         updates = now.committed - last.committed
         deliveries = now.deliveries - last.deliveries
@@ -102,8 +102,8 @@ class StatsLogger:
             "commit_max_ms": round(window.max_seconds * 1000, 3),
             "lagging": len(server.hub.lagging),
             "lagged": now.lagged - last.lagged,
-            "seq": server.tally.committed_seq,
-            "total": server.tally.committed_total,
+            "seq": server.position.seq,
+            "total": server.position.total,
             "cpu_s": round(now.cpu - last.cpu, 3),
             "rss_kib": rss_kib(),
         }

@@ -1,0 +1,134 @@
+"""The local engine: the tally core in memory, journalled to SQLite (or kept in memory).
+
+One process is the authority. A batch is applied to the core at once (seqs assigned in
+arrival order, duplicates recognised, int64 bounds checked), then written to the store in one
+transaction on the store's own thread; only then is it published on the feed and answered.
+A failed write rolls the core back, so memory never runs ahead of what the disk holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from wstally import logsetup
+from wstally.engine.base import EngineError, FeedEvent, Position, Published, Result, Submission
+from wstally.store import Store, StoreError
+from wstally.tally import Tally, Update
+
+__all__ = ["CHECK_INTERVAL", "STORE_FAILED", "LocalEngine"]
+
+log = logsetup.get_logger("wstally.engine")
+
+T = TypeVar("T")
+
+STORE_FAILED = "the update could not be stored; total unchanged"
+# How often an idle store is checked (its file deleted or replaced, say): /healthz and the
+# log should tell before the next add finds out.
+CHECK_INTERVAL = 0.5
+
+
+class LocalEngine:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.name = "memory" if not store.blocking else "sqlite"
+        self.description = store.description
+        self.tally = Tally(epoch="")
+        # Reads (history) take turns with the commits on the store's one thread.
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="wstally-store")
+            if store.blocking
+            else None
+        )
+        self._feed: asyncio.Queue[FeedEvent] = asyncio.Queue()
+        self._watcher: asyncio.Task[None] | None = None
+        # Why commits fail (for /healthz), or None: set by a failed commit or check,
+        # cleared by the next good commit.
+        self.degraded: str | None = None
+        self.check_interval = CHECK_INTERVAL
+
+    async def open(self) -> Position:
+        state = await self._run(self.store.load, self.tally.window)
+        tally = self.tally = Tally(state.epoch, state.seq, state.total)
+        for update in state.recent_ids:
+            assert update.req_id is not None
+            tally.remember(update.scope, update.req_id, update.seq, update.total)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="store-check")
+        return Position(tally.epoch, tally.seq, tally.total)
+
+    async def submit(self, batch: Sequence[Submission]) -> list[Result]:
+        tally = self.tally
+        apply = tally.apply
+        results: list[Result] = [
+            apply(s.delta, conn=s.conn, at=s.at, client=s.client, name=s.name, req_id=s.req_id)
+            for s in batch
+        ]
+        updates = [r for r in results if type(r) is Update]
+        if not updates:
+            return results
+        try:
+            await self._run(self.store.commit, updates)
+        except Exception as exc:
+            tally.rollback()
+            self.degraded = _reason(exc)
+            log.critical(
+                "store.commit_failed",
+                error=str(exc),
+                error_type=type(exc).__name__,
+                refused=len(updates),
+                first_seq=updates[0].seq,
+                last_seq=updates[-1].seq,
+                total=tally.total,
+            )
+            raise EngineError("store_failed", STORE_FAILED, transient=False) from exc
+        self.degraded = None
+        last = updates[-1]
+        tally.commit(last.seq, last.total)
+        self._feed.put_nowait(Published(updates))
+        return results
+
+    async def feed(self) -> AsyncIterator[FeedEvent]:
+        while True:
+            yield await self._feed.get()
+
+    async def history(self, since: int, limit: int) -> list[Update]:
+        return await self._run(self.store.history, since, limit)
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"engine": self.name, "store": self.description}
+        if self.degraded is not None:
+            status["degraded"] = self.degraded
+        return status
+
+    @property
+    def position(self) -> Position:
+        """The last committed update (acknowledged, or about to be)."""
+        tally = self.tally
+        return Position(tally.epoch, tally.committed_seq, tally.committed_total)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self.store.close()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval)
+            try:
+                await self._run(self.store.check)
+            except Exception as exc:
+                self.degraded = _reason(exc)
+
+
+def _reason(exc: Exception) -> str:
+    # A StoreError speaks to the operator already; anything else is a failed write.
+    return str(exc) if isinstance(exc, StoreError) else f"commit failed: {exc}"
