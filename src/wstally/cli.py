@@ -12,7 +12,7 @@ from typing import Any
 
 from wstally import __version__, logsetup
 from wstally.client import commands as client_commands
-from wstally.options import apply_env, env_argument, integer, number
+from wstally.options import apply_env, env_argument, integer, number, redis_prefix, redis_url
 
 __all__ = ["main"]
 
@@ -20,6 +20,7 @@ __all__ = ["main"]
 # Ranges of the server's numbers: a value outside is a usage error naming the range.
 PORT = integer(0, 65535)
 COUNT = integer(1)
+LIMIT = integer(0)  # 0 disables
 BYTES = integer(0)
 SECONDS = number(0.0)
 
@@ -115,6 +116,44 @@ def _add_serve(commands: Any) -> None:
         shown="off",
         action="store_true",
         help="keep everything in memory; nothing survives a restart",
+    )
+    env_argument(
+        serve,
+        "--redis",
+        group=where,
+        env="REDIS",
+        default=None,
+        type=redis_url,
+        metavar="URL",
+        help="share one total with every node on this Redis (redis://HOST:PORT/DB, "
+        "rediss:// for TLS, unix:///path.sock); see README, Several nodes",
+    )
+    env_argument(
+        serve,
+        "--redis-prefix",
+        env="REDIS_PREFIX",
+        default="wstally",
+        type=redis_prefix,
+        metavar="NAME",
+        help="key prefix in Redis, so that several tallies can share one Redis",
+    )
+    env_argument(
+        serve,
+        "--node",
+        env="NODE",
+        default=None,
+        type=redis_prefix,
+        metavar="NAME",
+        help="this node's name in Redis and /healthz (default: HOST:PID)",
+    )
+    env_argument(
+        serve,
+        "--reuse-port",
+        env="REUSE_PORT",
+        default=False,
+        shown="off",
+        action="store_true",
+        help="let several processes serve one port on this machine (SO_REUSEPORT)",
     )
     env_argument(
         serve,
@@ -272,6 +311,27 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
     )
     env_argument(
         parser,
+        "--frame-limit",
+        group=group,
+        env="FRAME_LIMIT",
+        default=20_000,
+        type=LIMIT,
+        metavar="N",
+        help="frames per second per connection, every kind (pings too); past it the "
+        "connection is closed with 1008; 0 disables",
+    )
+    env_argument(
+        parser,
+        "--invalid-limit",
+        group=group,
+        env="INVALID_LIMIT",
+        default=100,
+        type=LIMIT,
+        metavar="N",
+        help="malformed frames per second per connection; past it: closed with 1008; 0 disables",
+    )
+    env_argument(
+        parser,
         "--rate-limit",
         group=group,
         env="RATE_LIMIT",
@@ -354,6 +414,12 @@ def _serve(args: argparse.Namespace) -> int:
         slow_timeout=args.slow_timeout,
         ping_interval=args.ping_interval or None,
         ping_timeout=args.ping_timeout or None,
+        redis=args.redis,
+        redis_prefix=args.redis_prefix,
+        node=args.node,
+        reuse_port=args.reuse_port,
+        frame_limit=args.frame_limit,
+        invalid_limit=args.invalid_limit,
     )
     try:
         return _runner(args.loop)(run(config))

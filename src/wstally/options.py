@@ -138,6 +138,33 @@ class EnvOption:
         return value
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redis_url(text: str) -> str:
+    """A Redis URL as redis-py reads it: redis://, rediss:// (TLS) or unix://."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in REDIS_SCHEMES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Redis URL: use redis://HOST:PORT/DB, rediss://... for TLS, "
+            "or unix:///path/to/redis.sock"
+        )
+    if parts.scheme == "unix" and not parts.path:
+        raise argparse.ArgumentTypeError(f"{text!r} names no socket: unix:///path/to/redis.sock")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} names no host: redis://HOST:PORT/DB")
+    return text.strip()
+
+
+def redis_prefix(text: str) -> str:
+    """A name that is safe inside a Redis key's hash tag: no braces, no spaces."""
+    if not text or len(text) > 64 or any(c in text for c in "{} \t\r\n"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use 1 to 64 characters without spaces or braces"
+        )
+    return text
+
+
 def _detail(exc: argparse.ArgumentTypeError, raw: str) -> str:
     # The converters start their messages with the value; the variable already shows it.
     message = str(exc)

@@ -84,6 +84,7 @@ ERROR_CODES = JSON_PARSE_ERRORS | {
     "rate_limited",
     "shutting_down",
     "store_failed",
+    "unavailable",  # the shared engine (Redis) cannot be reached: resend later, same id
 }
 
 

@@ -33,7 +33,14 @@ from websockets.typing import Origin, Subprotocol
 from wstally import __version__, logsetup, protocol
 from wstally.batcher import MAX_BATCH, Batcher
 from wstally.connection import FLOOD, TallyConnection, connection_class
-from wstally.engine.base import Engine, FeedEvent, Position, Published, Submission
+from wstally.engine.base import (
+    Engine,
+    EngineError,
+    FeedEvent,
+    Position,
+    Published,
+    Submission,
+)
 from wstally.engine.local import LocalEngine
 from wstally.flow import Flow
 from wstally.hub import Hub, Mode, Peer
@@ -98,11 +105,20 @@ class ServerConfig:
     frame_limit: int = 20_000
     # Malformed frames per second per connection (each costs an error frame); past it: 1008.
     invalid_limit: int = 100
+    # Several nodes, one total: the shared Redis engine instead of the local store.
+    redis: str | None = None
+    redis_prefix: str = "wstally"
+    node: str | None = None  # this node's name in Redis and /healthz (default: host:pid)
+    reuse_port: bool = False  # several processes serving one port (SO_REUSEPORT)
 
     def open_store(self) -> Store:
         return MemoryStore() if self.memory else SQLiteStore(self.db)
 
     def open_engine(self) -> Engine:
+        if self.redis is not None:
+            from wstally.engine.redis import RedisEngine
+
+            return RedisEngine(self.redis, self.redis_prefix, node=self.node)
         return LocalEngine(self.open_store())
 
 
@@ -173,6 +189,12 @@ class TallyServer:
             raise StartupError(f"cannot load the TLS certificate or key: {exc}") from exc
         try:
             start = await self.engine.open()
+        except EngineError as exc:
+            await self.engine.close()
+            engine = self.engine
+            raise StartupError(
+                f"cannot open the {engine.name} engine at {engine.description}: {exc.message}"
+            ) from exc
         except BaseException:
             await self.engine.close()
             raise
@@ -203,6 +225,7 @@ class TallyServer:
                 server_header=f"wstally/{__version__}",
                 # asyncio's default backlog of 100 drops SYNs when thousands connect at once.
                 backlog=4096,
+                reuse_port=cfg.reuse_port or None,
             )
         except OSError as exc:
             await self._close_engine()
@@ -315,7 +338,7 @@ class TallyServer:
         assert not isinstance(event, Published)
         position = event.position
         log.warning(
-            "engine.reset",
+            "broadcast.reset",
             reason=event.reason,
             epoch=position.epoch,
             seq=position.seq,

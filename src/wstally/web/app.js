@@ -14,7 +14,7 @@
   const BACKOFF = [0.1, 5.0]; // seconds: first retry, longest wait (as wstally client)
   const OPEN_TIMEOUT = 10_000; // ms for a handshake before it counts as failed
   const RETRY_TRANSIENT = 500; // ms before an add refused "not now" is sent again
-  const TRANSIENT = new Set(["shutting_down", "store_failed"]);
+  const TRANSIENT = new Set(["shutting_down", "store_failed", "unavailable"]);
   const RECENT = 50; // updates listed
   const OUTBOX_SHOWN = 20; // pending adds listed
   const OWN_KEPT = 1000; // seqs of our own acked adds remembered, to mark them
