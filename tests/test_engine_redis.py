@@ -549,6 +549,19 @@ async def test_the_same_batch_id_gets_the_stored_reply(
     assert seqs(await engine.submit([add(1)])) == [3]
 
 
+async def test_a_late_copy_of_an_older_batch_is_never_applied(
+    engines: EngineFactory, inspect: Redis
+) -> None:
+    engine = await engines()
+    await engine.submit([add(1)])
+    await engine.submit([add(2)])
+    engine._batches = 0  # batch 1 again, as if a copy held up in the network came in now
+    with pytest.raises(EngineError) as caught:
+        await engine.submit([add(1)])
+    assert caught.value.code == "store_failed"
+    assert await inspect.hget(META, "seq") == "2"
+
+
 # -- Redis killed, restarted, emptied ------------------------------------------------------
 
 

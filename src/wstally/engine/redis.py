@@ -6,13 +6,14 @@ Redis Cluster puts them in one slot)::
     {prefix}:meta        hash: epoch, seq, total (kept by HINCRBY: exact int64, refuses
                          overflow), pruned (the last seq whose id left the dedup window)
     {prefix}:log         stream, one entry per applied update, entry id "<seq>-0", fields
-                         e (epoch), s (seq), d (delta), t (total), at, c (conn), cl (client),
-                         n (name), r (req_id), o (which of client, name, req_id are set:
-                         "101"...); every entry has every field so Redis stores their names
+                         e (epoch), s (seq), d (delta), t (total), k (the dedup key, "" for
+                         an add without id), p (JSON [at, conn, client, name, req_id]);
+                         every entry has the same fields, whose names Redis then stores
                          once per stream node
-    {prefix}:ids         hash: "<len(scope)>:<scope><req_id>" -> "<seq> <total>", the ids of
-                         the last ``window`` updates
-    {prefix}:node:<node> hash: batch, reply: this node's last batch id and its reply
+    {prefix}:ids         hash: dedup key "<len(scope)>:<scope><req_id>" -> "<seq> <total>",
+                         for the ids of the last ``window`` updates (``dedup_scope``)
+    {prefix}:node:<node> hash: session, counter, reply: this node's last batch and its
+                         reply (expires 5 minutes after the node's last batch)
 
 **Batches.** One script per batch checks the epoch, answers duplicates from the ids hash,
 adds each delta with HINCRBY (an overflow refuses that add only), appends the update to the
@@ -22,14 +23,16 @@ so nothing in it can fail half-way by design: errors are caught with ``redis.pca
 out before the first write, and the ``#!lua`` shebang makes Redis refuse the whole script up
 front (instead of one command half-way) when it is out of memory.
 
-**Unknown outcomes.** Each batch carries an id (a random token of this engine instance and a
-counter). A batch whose reply was lost (connection dropped, timeout, Redis restarted) is
-resent with the same id until ``unavailable_after`` seconds have passed; the script answers
-a batch id it has already run with the stored reply instead of applying the batch again, so
-even id-less adds are applied once. Submissions are serialised, so only the last batch of a
-node can ever be resent: one reply per node is kept, which bounds the memory to the number
-of nodes. After ``unavailable_after`` the batch fails with a transient ``EngineError``: its
-outcome is unknown and clients resend with their ids.
+**Unknown outcomes.** Each batch carries an id (a random session token of this engine
+instance and a counter). A batch whose reply was lost (connection dropped, timeout, Redis
+restarted) is resent with the same id until ``unavailable_after`` seconds have passed; the
+script answers a batch id it has already run with the stored reply instead of applying the
+batch again, so even id-less adds are applied once. Submissions are serialised, so only the
+last batch of a node can ever be resent: one reply per node is kept, which bounds the memory
+to the number of nodes; and a copy of an older batch arriving late (held up in the network
+while its resend went through) is recognised by its counter and never applied. After
+``unavailable_after`` the batch fails with a transient ``EngineError``: its outcome is
+unknown and clients resend with their ids.
 
 **New history.** A missing meta hash means Redis lost its data (or this is the first start):
 whoever notices first (a batch, ``open()`` or the feed) starts a new epoch and drops what an
@@ -122,17 +125,18 @@ return {epoch, state[1], state[2]}
 """
 )
 
-# KEYS[4]: this node's hash (last batch id and reply). ARGV: 1 expected epoch, 2 candidate
-# epoch, 3 window, 4 keep, 5 seconds to keep the reply, 6 batch id, then 3 per add: delta,
-# dedup key ("" without an id), payload (JSON: at, conn, client, name, req_id).
+# KEYS[4]: this node's hash (last batch and reply). ARGV: 1 expected epoch, 2 candidate
+# epoch, 3 window, 4 keep, 5 seconds to keep the reply, 6 session, 7 batch counter, then 3
+# per add: delta, dedup key ("" without an id), payload (JSON: at, conn, client, name, req_id).
 # Returns one string: "ok <epoch> <seq> <total>" then per add "u <seq> <total>" (applied),
-# "d <seq> <total>" (duplicate), "o" (overflow) or "b" (bad delta); or, when Redis holds
-# another history, "epoch <epoch> <seq> <total>" and nothing was applied.
+# "d <seq> <total>" (duplicate), "o" (overflow) or "b" (bad delta); or, with nothing
+# applied, "epoch <epoch> <seq> <total>" when Redis holds another history, "stale" for a
+# batch older than this session's last one.
 _BATCH_LUA = (
     "#!lua\n"
     + _LUA_COMMON
     + """
-local node, batch = KEYS[4], ARGV[6]
+local node, session, counter = KEYS[4], ARGV[6], tonumber(ARGV[7])
 local EXACT = 9007199254740992  -- 2^53: Lua numbers are doubles, exact below this
 
 -- HINCRBY's reply became a double: below 2^53 it is exact, above read the string back.
@@ -161,8 +165,11 @@ local function forget(seq, window, pruned, budget)
   return horizon
 end
 
-local cached = redis.call('HMGET', node, 'batch', 'reply')
-if cached[1] == batch then return cached[2] end
+local last = redis.call('HMGET', node, 'session', 'counter', 'reply')
+if last[1] == session then
+  if tonumber(last[2]) == counter then return last[3] end
+  if tonumber(last[2]) > counter then return 'stale' end
+end
 
 local epoch = current_epoch(ARGV[2])
 local state = redis.call('HMGET', meta, 'seq', 'total', 'pruned')
@@ -171,12 +178,12 @@ if epoch ~= ARGV[1] then
 end
 local seq = tonumber(state[1])
 local first = seq
-if seq + (#ARGV - 6) / 3 >= EXACT then
+if seq + (#ARGV - 7) / 3 >= EXACT then
   return redis.error_reply('seq would pass 2^53, beyond what this script counts exactly')
 end
 
 local out = {}
-for a = 7, #ARGV, 3 do
+for a = 8, #ARGV, 3 do
   local delta, key = ARGV[a], ARGV[a + 1]
   local seen = false
   if key ~= '' then seen = redis.call('HGET', ids, key) end
@@ -210,7 +217,7 @@ end
 local reply = 'ok ' .. epoch .. ' ' .. string.format('%d', seq) .. ' '
   .. redis.call('HGET', meta, 'total')
 if #out > 0 then reply = reply .. ' ' .. table.concat(out, ' ') end
-redis.call('HSET', node, 'batch', batch, 'reply', reply)
+redis.call('HSET', node, 'session', session, 'counter', ARGV[7], 'reply', reply)
 redis.call('EXPIRE', node, ARGV[5])
 return reply
 """
@@ -400,7 +407,7 @@ def _refusal(kind: str, delta: int) -> Refused:
 def _store_failed(exc: ResponseError) -> EngineError:
     message = str(exc)
     transient = message.startswith(_TRANSIENT)
-    return EngineError("store_failed", f"Redis refused the batch: {message}", transient=transient)
+    return EngineError("store_failed", f"Redis refused: {message}", transient=transient)
 
 
 class _Follower:
@@ -554,13 +561,18 @@ class RedisEngine:
 
     async def open(self) -> Position:
         self._redis = self._client(socket_timeout=self.unavailable_after, connections=8)
-        epoch, seq, total = await self._shielded(self._retrying(self._read_own_position))
+        try:
+            epoch, seq, total = await self._shielded(self._retrying(self._read_own_position))
+        except ResponseError as exc:
+            raise _store_failed(exc) from exc
         await self._check_durability()
         self._position = Position(epoch, seq, total)
         self._epoch = epoch
         return self._position
 
     async def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         await self._stop_follower()
         if self._calls:
@@ -606,34 +618,31 @@ class RedisEngine:
             return []
         if self._closed or self._redis is None:
             raise EngineError("unavailable", "the Redis engine is not open", transient=True)
-        async with self._submitting:
-            self._batches += 1
-            args = [
-                self._epoch,
-                new_epoch(),
-                self.window,
-                self.keep,
-                _REPLY_TTL,
-                f"{self._session}:{self._batches}",
-                *_encode(batch),
-            ]
-            reply = await self._shielded(self._run_batch(args))
+        reply = await self._shielded(self._run_batch(_encode(batch)))
         tokens = reply.split(" ")
         if tokens[0] == "epoch":
             raise await self._new_history(tokens[1])
+        if tokens[0] == "stale":  # cannot happen while batches are serialised
+            raise EngineError("store_failed", "batch overtaken by a later one", transient=True)
         return _results(batch, tokens)
 
-    async def _run_batch(self, args: list[Any]) -> str:
+    async def _run_batch(self, adds: list[Any]) -> str:
         redis = self._redis
         assert redis is not None
+        # Taken inside the shielded task: a batch whose caller was cancelled still holds it
+        # until its last resend is over, so the next batch cannot overtake it.
+        async with self._submitting:
+            self._batches += 1
+            args = [self._epoch, new_epoch(), self.window, self.keep, _REPLY_TTL]
+            args += (self._session, self._batches, *adds)
 
-        async def attempt() -> str:
-            return str(await self._batch_script.run(redis, self.keys, args))
+            async def attempt() -> str:
+                return str(await self._batch_script.run(redis, self.keys, args))
 
-        try:
-            return await self._retrying(attempt)
-        except ResponseError as exc:
-            raise _store_failed(exc) from exc
+            try:
+                return await self._retrying(attempt)
+            except ResponseError as exc:
+                raise _store_failed(exc) from exc
 
     async def _new_history(self, epoch: str) -> EngineError:
         """The error for a batch that met another history, once the feed is told to look."""
@@ -713,8 +722,8 @@ class RedisEngine:
     # -- feed -----------------------------------------------------------------------------
 
     def feed(self) -> AsyncIterator[FeedEvent]:
-        if self._position is None:
-            raise RuntimeError("open() the engine before reading its feed")
+        if self._position is None or self._closed:
+            raise RuntimeError("the feed of a Redis engine needs it open")
         if self._follower is not None:
             raise RuntimeError("the Redis engine has one feed")
         self._follower_client = self._client(
