@@ -131,5 +131,16 @@ class RedisServer:
         shutil.rmtree(self.dir)
         self.restart()
 
+    def pause(self) -> None:
+        """SIGSTOP: Redis hangs, connections stay open, nothing is answered."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()  # a stopped process would not die before it is continued
         self.kill9()

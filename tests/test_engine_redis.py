@@ -562,6 +562,66 @@ async def test_a_late_copy_of_an_older_batch_is_never_applied(
     assert await inspect.hget(META, "seq") == "2"
 
 
+async def test_a_cancelled_submit_still_finishes_its_call(
+    engines: EngineFactory, feeds: Callable[[RedisEngine], FeedReader], inspect: Redis
+) -> None:
+    engine = await engines()
+    reader = feeds(engine)
+    task = asyncio.create_task(engine.submit([add(1), add(2)]))
+    await asyncio.sleep(0)  # the script is on its way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    results = await engine.submit([add(3)])
+    assert seqs(results) == [3]  # after the cancelled batch, which was applied all the same
+    assert_gapless(await reader.until_seq(3))
+    assert await inspect.hget(META, "total") == "6"
+
+
+async def test_the_feed_reconnects_after_its_connection_is_killed(
+    engines: EngineFactory, feeds: Callable[[RedisEngine], FeedReader], inspect: Redis
+) -> None:
+    engine = await engines()
+    reader = feeds(engine)
+    await engine.submit([add(1), add(2)])
+    await reader.until_seq(2)
+    follower = engine._follower
+    assert follower is not None
+    assert follower.client_id is not None
+    assert await inspect.client_kill_filter(_id=str(follower.client_id)) == 1
+    await engine.submit([add(3)])
+    await engine.submit([add(4), add(5)])
+    updates = await reader.until_seq(5)
+    assert_gapless(updates)
+    assert reader.resets() == []
+
+
+async def test_a_hung_redis_fails_the_batch_in_time_and_is_followed_again(
+    redis_server: RedisServer,
+    engines: EngineFactory,
+    feeds: Callable[[RedisEngine], FeedReader],
+) -> None:
+    engine = await engines(unavailable_after=0.5)
+    reader = feeds(engine)
+    await engine.submit([add(1)])
+    await reader.until_seq(1)
+    redis_server.pause()
+    try:
+        start = time.monotonic()
+        with pytest.raises(EngineError) as caught:
+            await engine.submit([add(10)])  # sent, then no answer: outcome unknown
+        assert time.monotonic() - start < 0.5 + within(1)
+        assert caught.value.transient
+        assert engine.status()["redis"] == "disconnected"
+    finally:
+        redis_server.resume()
+    (last,) = applied(await engine.submit([add(100)]))
+    # The unanswered batch ran when Redis woke up (before this one), or never: either way once.
+    updates = await reader.until_seq(last.seq)
+    assert_gapless(updates)
+    assert [u.delta for u in updates] in ([1, 10, 100], [1, 100])
+
+
 # -- Redis killed, restarted, emptied ------------------------------------------------------
 
 
