@@ -238,6 +238,8 @@ def test_piped_mode_paces_itself_under_the_default_rate_limit(serve: Any) -> Non
     assert "slowing down" in result.stderr  # the limit was met, not avoided
     health = server.health()
     assert (health["total"], health["seq"]) == (800020000, 40_000)
+    # One connection throughout: never over the server's frame budget (closed with 1008).
+    assert len([e for e in server.events if e.get("event") == "conn.opened"]) == 1
 
 
 def test_a_bare_host_and_port_is_a_ws_url(serve: Any) -> None:
