@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from helpers import JsonClient, ServerFactory
+from redisproc import RedisServer
 from servers import ServeProcess
 from wstally import logsetup
 from wstally.server import ServerConfig, TallyServer
@@ -25,7 +26,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
 
     async def factory(store: Store | None = None, **options: Any) -> TallyServer:
         config = ServerConfig(host="127.0.0.1", port=0, db=str(tmp_path / "tally.db"), **options)
-        if store is None and not config.memory:
+        if store is None and not config.memory and config.redis is None:
             store = SQLiteStore(config.db)
         server = TallyServer(config, store)
         await server.start()
@@ -36,6 +37,15 @@ async def make_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
     for server in started:
         if not server.stopped:
             await server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server (AOF always) on a free loopback port, for this test alone."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
