@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +216,39 @@ def test_rate_limited_senders_pace_themselves_and_resend(tmp_path: Path) -> None
     assert figures["refused"] == {}
     assert figures["acked"] == figures["sent"] == 2000
     assert figures["final"]["seq"] - figures["start"]["seq"] == 2000
+
+
+def test_ctrl_c_ends_a_run_with_130_and_no_traceback(tmp_path: Path) -> None:
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--spawn",
+            "--store",
+            "memory",
+            "--watchers",
+            "5",
+            "--senders",
+            "1",
+            "--rate",
+            "100",
+            "--duration",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        time.sleep(within(4))  # spawned server up, workers connected, adds flowing
+        os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C does: the whole group
+        output, _ = run.communicate(timeout=within(30))
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()
+    assert run.returncode == 130, output
+    assert "interrupted: no verdict" in output
+    assert "Traceback" not in output

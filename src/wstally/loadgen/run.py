@@ -285,6 +285,10 @@ class LoadTest:
         results: list[dict[str, Any]] = []
         try:
             results = self._drive(host, port, shared, workers, proc)
+        except KeyboardInterrupt:
+            for w in workers:
+                w.kill()  # an interrupted run has nothing to report
+            raise
         finally:
             for w in workers:
                 w.join(timeout=10)
@@ -659,13 +663,18 @@ def _find_capacity(args: argparse.Namespace, console: Console) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """0 PASS, 1 FAIL, 2 usage error or no server, 130 interrupted (README, "Exit status")."""
     args = parse_args(argv)
     console = Console(stderr=False)
-    if args.compare:
-        return _compare(args, console)
-    if args.find_capacity:
-        return _find_capacity(args, console)
-    return LoadTest(args, console).run()
+    try:
+        if args.compare:
+            return _compare(args, console)
+        if args.find_capacity:
+            return _find_capacity(args, console)
+        return LoadTest(args, console).run()
+    except KeyboardInterrupt:
+        console.print("interrupted: no verdict", markup=False, highlight=False)
+        return 130
 
 
 if __name__ == "__main__":

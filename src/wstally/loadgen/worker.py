@@ -11,6 +11,7 @@ import contextlib
 import json
 import random
 import resource
+import signal
 import ssl
 import time
 from array import array
@@ -353,6 +354,9 @@ def _raise_fd_limit(wanted: int) -> None:
 
 def run_worker(plan: Plan, shared: Shared) -> None:
     """Entry point of a worker process."""
+    # Ctrl-C reaches the whole process group: the coordinator alone answers it (and ends
+    # the workers), so that one interrupted run prints no traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _raise_fd_limit(plan.watchers + plan.senders + 256)
     try:
         import uvloop
