@@ -19,6 +19,7 @@ from wstally import logsetup, protocol
 from wstally.engine.base import Engine, EngineError, Result, Submission
 from wstally.flow import Flow
 from wstally.hub import Hub, Peer
+from wstally.metrics import Tallies
 from wstally.tally import Duplicate, Refused, Update
 
 __all__ = ["MAX_BATCH", "SLOW_COMMIT", "Batcher", "CommitWindow"]
@@ -48,8 +49,11 @@ class CommitWindow:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, hub: Hub, flow: Flow, refuse: Refuse) -> None:
+    def __init__(
+        self, engine: Engine, hub: Hub, flow: Flow, refuse: Refuse, tallies: Tallies | None = None
+    ) -> None:
         self.engine = engine
+        self.tallies = tallies if tallies is not None else Tallies()
         self.hub = hub
         self.flow = flow
         self.refuse = refuse
@@ -65,6 +69,7 @@ class Batcher:
         # Figures for stats: since the start, and since the last take_window().
         self.commits = 0
         self.committed = 0
+        self.duplicates = 0
         self.failures = 0
         self._window = CommitWindow()
         self.slow_commit = SLOW_COMMIT
@@ -122,6 +127,9 @@ class Batcher:
         self, batch: list[tuple[Peer, Submission]], results: list[Result], seconds: float
     ) -> None:
         send = self.hub.send
+        # One clock read per batch; the arrival time of each add came with it.
+        now = time.time()
+        observe = self.tallies.ack_seconds.observe
         applied = 0
         first: Update | None = None
         last: Update | None = None
@@ -136,6 +144,7 @@ class Batcher:
                 last = result
                 if result.req_id is not None:
                     send(peer, protocol.encode_ack(result.req_id, result.seq, result.total))
+                    observe(now - submission.at)
                 if self._debug:
                     log.debug(
                         "update.applied",
@@ -148,7 +157,9 @@ class Batcher:
             elif kind is Duplicate:
                 assert isinstance(result, Duplicate)
                 peer.duplicates += 1
+                self.duplicates += 1
                 send(peer, protocol.encode_ack(result.req_id, result.seq, result.total, True))
+                observe(now - submission.at)
                 if self._debug:
                     context = peer.context()
                     log.debug("update.duplicate", **context, id=result.req_id, seq=result.seq)
@@ -176,6 +187,8 @@ class Batcher:
         window.updates += applied
         window.max_batch = max(window.max_batch, len(batch))
         window.max_seconds = max(window.max_seconds, seconds)
+        self.tallies.commit_seconds.observe(seconds)
+        self.tallies.batch_size.observe(len(batch))
         if seconds >= self.slow_commit:
             level, event = logging.WARNING, "store.commit_slow"
         elif self._debug:

@@ -178,6 +178,8 @@ class Hub:
         self._context = contextvars.Context()
         # Counters for stats and tests.
         self.frames_flushed = 0
+        self.bytes_sent = 0
+        self.by_mode = dict.fromkeys(Mode, 0)
         self.deliveries = 0
         self.skipped = 0
         self.evicted = 0
@@ -214,6 +216,7 @@ class Hub:
         its first message arrives or ``hold`` seconds pass: a returning client's hello may
         ask for a replay, which must come before any live update (see ``release``)."""
         self.peers[peer] = None
+        self.by_mode[peer.mode] += 1
         if peer.mode is Mode.JSON:
             if hold > 0:
                 peer.recovering = True
@@ -241,6 +244,7 @@ class Hub:
         if peer not in self.peers:
             return
         del self.peers[peer]
+        self.by_mode[peer.mode] -= 1
         self.cancel_hold(peer)
         self.lagging.pop(peer, None)
         self._dirty.pop(peer, None)
@@ -422,6 +426,7 @@ class Hub:
         count = len(own) + len(shared)
         peer.frames_out += count
         peer.bytes_out += len(chunk)
+        self.bytes_sent += len(chunk)
         self.frames_flushed += count
 
     # Slow consumers

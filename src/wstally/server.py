@@ -30,7 +30,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Origin, Subprotocol
 
-from wstally import __version__, logsetup, protocol
+from wstally import __version__, logsetup, metrics, protocol
 from wstally.batcher import MAX_BATCH, Batcher
 from wstally.connection import FLOOD, TallyConnection, connection_class
 from wstally.engine.base import (
@@ -44,6 +44,7 @@ from wstally.engine.base import (
 from wstally.engine.local import LocalEngine
 from wstally.flow import Flow
 from wstally.hub import Hub, Mode, Peer
+from wstally.metrics import Tallies
 from wstally.protocol import SUBPROTOCOL, Add, Hello, ProtocolError
 from wstally.stats import StatsLogger
 from wstally.store import MemoryStore, SQLiteStore, Store, StoreError
@@ -147,7 +148,9 @@ class TallyServer:
             on_resync=self._resynced,
             flow=self.flow,
         )
-        self.batcher = Batcher(self.engine, self.hub, self.flow, self._refuse)
+        self.tallies = Tallies()
+        self.batcher = Batcher(self.engine, self.hub, self.flow, self._refuse, self.tallies)
+        self._metrics = metrics.registry_for(_MetricsView(self))
         self._feed_task: asyncio.Task[None] | None = None
         self.draining = False
         self.stopped = False
@@ -399,6 +402,8 @@ class TallyServer:
                     HTTPStatus.NOT_FOUND, "Not found: the WebSocket endpoint is /\n"
                 )
             return self._admit(conn, request)
+        if path == "/metrics":
+            return self._metrics_response(conn, request)
         if path == "/healthz":
             status, body = self._health(request)
             response = conn.respond(status, json.dumps(body) + "\n")
@@ -440,6 +445,24 @@ class TallyServer:
                 evicted=self.hub.evicted,
             )
         return (HTTPStatus.SERVICE_UNAVAILABLE if degraded else HTTPStatus.OK), body
+
+    def _metrics_response(self, conn: ServerConnection, request: Request) -> Response:
+        token = self.config.token
+        if token is not None and not _presented(request, token):
+            response = conn.respond(
+                HTTPStatus.UNAUTHORIZED,
+                "Unauthorized: /metrics needs the server's token "
+                "('Authorization: Bearer <token>' or ?token=)\n",
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="wstally"'
+            return response
+        response = conn.respond(HTTPStatus.OK, "")
+        response.body = metrics.render(self._metrics)
+        del response.headers["Content-Type"]
+        del response.headers["Content-Length"]
+        response.headers["Content-Type"] = metrics.CONTENT_TYPE
+        response.headers["Content-Length"] = str(len(response.body))
+        return response
 
     def _admit(self, conn: ServerConnection, request: Request) -> Response | None:
         """Credentials, then capacity: refused here, a client never reaches the handler."""
@@ -641,9 +664,11 @@ class TallyServer:
             if peer.lagging:
                 await _until_drained(peer, ws)
         hub.send(peer, hub.snapshot(peer, recovered=True))
+        self.tallies.replays["recovered"] += 1
         log.info("conn.recovered", since=since, updates=replayed, seq=hub.seq)
 
     def _not_recovered(self, peer: Peer, since: int, reason: str) -> None:
+        self.tallies.replays["not_recovered"] += 1
         # The snapshot is the current position: live updates continue from it.
         self.hub.send(peer, self.hub.snapshot(peer, recovered=False, reason=reason))
         peer.recovering = False
@@ -699,6 +724,8 @@ class TallyServer:
     def _refuse(self, peer: Peer, code: str, message: str, req_id: str | None, raw: str) -> None:
         peer.refused += 1
         self.refused += 1
+        refused = self.tallies.refused
+        refused[code] = refused.get(code, 0) + 1
         if peer.refused <= REFUSALS_LOGGED or self._debug:
             log.log(
                 logging.INFO if peer.refused <= REFUSALS_LOGGED else logging.DEBUG,
@@ -724,6 +751,40 @@ class TallyServer:
             missed=hub.seq - peer.lag_seq,
             lag_seconds=round(asyncio.get_running_loop().time() - peer.lag_since, 3),
         )
+
+
+class _MetricsView:
+    """What /metrics reads of a server: its counters, never its internals' structure."""
+
+    def __init__(self, server: TallyServer) -> None:
+        self.server = server
+
+    def figures(self) -> dict[str, float]:
+        server = self.server
+        hub, batcher = server.hub, server.batcher
+        return {
+            "adds_applied": batcher.committed,
+            "adds_duplicate": batcher.duplicates,
+            "deliveries": hub.deliveries,
+            "sent_bytes": hub.bytes_sent,
+            "lagging_connections": len(hub.lagging),
+            "lag_episodes": hub.skipped,
+            "evicted": hub.evicted,
+            "connections_opened": server.opened,
+            "flow_blocked": server.flow.blocks,
+            "seq": server.position.seq,
+            "engine_up": 0 if server.engine.status().get("degraded") else 1,
+        }
+
+    def connections(self) -> dict[str, int]:
+        return {mode.value: count for mode, count in self.server.hub.by_mode.items()}
+
+    def engine(self) -> dict[str, str]:
+        status = self.server.engine.status()
+        return {k: str(status[k]) for k in ("engine", "node") if k in status}
+
+    def tallies(self) -> Tallies:
+        return self.server.tallies
 
 
 async def _until_drained(peer: Peer, ws: ServerConnection) -> None:

@@ -1,0 +1,106 @@
+"""/metrics: Prometheus text format, read back with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+
+from helpers import JsonClient, ServerFactory, http_get, within
+from wstally.metrics import Histogram
+
+TOKEN = "metrics-token"
+
+
+async def scrape(port: int, query: str = "") -> dict[str, dict[tuple[Any, ...], float]]:
+    def fetch() -> str:
+        url = f"http://127.0.0.1:{port}/metrics{query}"
+        with urllib.request.urlopen(url, timeout=within(5)) as response:
+            assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return str(response.read().decode())
+
+    text = await asyncio.to_thread(fetch)
+    samples: dict[str, dict[tuple[Any, ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
+
+
+async def test_metrics_count_what_happened(
+    make_server: ServerFactory, clients: list[JsonClient]
+) -> None:
+    server = await make_server(memory=True)
+    client = await JsonClient.connect(server.url, {"client": "m"})
+    clients.append(client)
+    watcher = await JsonClient.connect(server.url)
+    clients.append(watcher)
+    async with connect(server.url) as plain:
+        assert (await client.add(5, "one"))["type"] == "ack"
+        assert (await client.add(5, "one")).get("duplicate") is True
+        await client.send({"type": "add", "delta": "x"})
+        assert (await client.expect("error"))["code"] == "bad_delta"
+        await plain.send("nope")
+        await watcher.items_until(1)
+        m = await scrape(server.port)
+        assert m["wstally_connections"] == {(("mode", "json"),): 2, (("mode", "plain"),): 1}
+    assert m["wstally_adds_applied_total"][()] == 1
+    assert m["wstally_adds_duplicate_total"][()] == 1
+    refused = m["wstally_adds_refused_total"]
+    assert refused[(("code", "bad_delta"),)] == 1
+    assert refused[(("code", "bad_number"),)] == 1
+    assert m["wstally_deliveries_total"][()] == 3  # one update, three clients
+    assert m["wstally_sent_bytes_total"][()] > 0
+    assert m["wstally_seq"][()] == 1
+    assert m["wstally_engine_up"][()] == 1
+    assert m["wstally_engine_info"] == {(("engine", "memory"),): 1}
+    assert m["wstally_ack_seconds_count"][()] == 2
+    assert m["wstally_ack_seconds_bucket"][(("le", "+Inf"),)] == 2
+    assert m["wstally_commit_batch_size_count"][()] >= 1
+    assert m["wstally_commit_seconds_count"][()] >= 1
+    assert m["process_resident_memory_bytes"][()] > 0  # the process collector
+    names = set(m)
+    assert all(n.startswith(("wstally_", "process_", "python_")) for n in names), names
+
+
+async def test_replays_are_counted(make_server: ServerFactory, clients: list[JsonClient]) -> None:
+    server = await make_server(memory=True)
+    writer = await JsonClient.connect(server.url, {"client": "w"})
+    clients.append(writer)
+    await writer.add(1, "a")
+    epoch = writer.snapshot["epoch"]
+    back = await JsonClient.connect(server.url, {"client": "r", "since": 0, "epoch": epoch})
+    clients.append(back)
+    stale = await JsonClient.connect(server.url, {"client": "s", "since": 0, "epoch": "old"})
+    clients.append(stale)
+    m = await scrape(server.port)
+    replays = m["wstally_replays_total"]
+    assert replays[(("outcome", "recovered"),)] == 1
+    assert replays[(("outcome", "not_recovered"),)] == 1
+
+
+async def test_metrics_need_the_token(make_server: ServerFactory) -> None:
+    server = await make_server(memory=True, token=TOKEN)
+    status, headers, _ = await http_get(server.port, "/metrics")
+    assert status == 401
+    assert headers["www-authenticate"].startswith("Bearer")
+    status, _, _ = await http_get(server.port, "/metrics?token=wrong")
+    assert status == 401
+    m = await scrape(server.port, f"?token={TOKEN}")
+    assert m["wstally_seq"][()] == 0
+    with pytest.raises(urllib.error.HTTPError):
+        await scrape(server.port)
+
+
+def test_histogram_buckets_are_cumulative() -> None:
+    histogram = Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 3.0):
+        histogram.observe(value)
+    assert histogram.buckets() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
+    assert histogram.total == pytest.approx(3.65)
