@@ -414,3 +414,30 @@ def test_watch_prints_one_line_per_update_when_piped(serve: Any) -> None:
     assert [i["total"] for i in items] == [4, 3, 13]
     assert items[0]["by"] == "\\x1b]0;pwned\\x07"
     assert "\x1b" not in out + jout
+
+
+@pytest.mark.parametrize("command", ["client", "watch"])
+def test_ctrl_c_piped_is_130_without_a_traceback(serve: Any, command: str) -> None:
+    server = serve("--memory", "--port", "0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wstally", command, server.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("5\n")  # (watch reads no stdin)
+        proc.stdin.flush()
+        deadline = time.monotonic() + within(10)
+        while server.health()["clients"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=within(10))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
