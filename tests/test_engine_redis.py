@@ -51,14 +51,6 @@ def applied(results: list[Any]) -> list[Update]:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 async def inspect(redis_server: RedisServer) -> AsyncIterator[Redis]:
     """A plain client to look at (or tamper with) what the engine keeps in Redis."""
     client = Redis.from_url(redis_server.url, decode_responses=True, protocol=2)

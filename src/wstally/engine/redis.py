@@ -749,13 +749,10 @@ class RedisEngine:
 
     def _adopt(self, reset: Reset) -> None:
         # The consumer now knows the new history: batches may apply to it from here on.
+        # (It logs the reset, with the position it had.)
         self._epoch = reset.position.epoch
         self._resets += 1
         self._last_reset = reset.reason
-        p = reset.position
-        get_logger("wstally.engine").warning(
-            "engine.reset", epoch=p.epoch, seq=p.seq, total=p.total, reason=reset.reason
-        )
 
     async def _stop_follower(self) -> None:
         follower, task = self._follower, self._follower_task
