@@ -59,9 +59,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 import urllib.parse
@@ -91,10 +93,10 @@ from wstally.engine.base import (
     Submission,
 )
 from wstally.logsetup import get_logger
-from wstally.store.base import new_epoch
+from wstally.store.base import ROW_COLUMNS, new_epoch
 from wstally.tally import DEDUP_WINDOW, Duplicate, Refused, Update, dedup_scope
 
-__all__ = ["RedisEngine", "durability_risks", "redact_url"]
+__all__ = ["RedisEngine", "durability_risks", "entry_row", "history_keys", "redact_url"]
 
 T = TypeVar("T")
 
@@ -243,6 +245,42 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 _Lost = (RedisConnectionError, RedisTimeoutError)
+
+
+def history_keys(prefix: str) -> tuple[str, str, str]:
+    """The meta hash, the log stream and the ids hash of the history kept under ``prefix``."""
+    # One hash tag for every key: Redis Cluster puts the keys of one script in one slot.
+    tag = "{" + prefix + "}"
+    return f"{tag}:meta", f"{tag}:log", f"{tag}:ids"
+
+
+# An entry's s, d and t and then its payload hold an update's fields in this order.
+_UPDATE_FIELDS = tuple(field.name for field in dataclasses.fields(Update))
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def entry_row(fields: Sequence[str]) -> tuple[str | None, tuple[Any, ...]]:
+    """A stream entry's epoch and its update as a stored row (``store.ROW_COLUMNS``).
+
+    Read by field name and without trusting the values, unlike the feed's decoding: a number
+    that is not one stays text, a missing field or payload item is None. ``wstally history
+    --verify`` can then name what is wrong with an entry instead of failing on it.
+    """
+    named = dict(zip(fields[::2], fields[1::2], strict=False))
+    try:
+        payload = json.loads(named.get("p", ""))
+    except ValueError:
+        payload = None
+    if not isinstance(payload, list) or len(payload) != len(_UPDATE_FIELDS) - 3:
+        payload = [None] * (len(_UPDATE_FIELDS) - 3)
+    numbers = [_stored_int(named.get(name)) for name in ("s", "d", "t")]
+    values = dict(zip(_UPDATE_FIELDS, (*numbers, *payload), strict=True))
+    return named.get("e"), tuple(values[column] for column in ROW_COLUMNS)
+
+
+def _stored_int(text: str | None) -> int | str | None:
+    # The script writes integers as %d: anything else is kept as found, for the report.
+    return int(text) if text is not None and _INTEGER.fullmatch(text) else text
 
 
 def redact_url(url: str) -> str:
@@ -539,8 +577,7 @@ class RedisEngine:
         self.window = window
         self.keep = keep
         self.unavailable_after = unavailable_after
-        tag = "{" + prefix + "}"
-        self.keys = (f"{tag}:meta", f"{tag}:log", f"{tag}:ids", f"{tag}:node:{self.node}")
+        self.keys = (*history_keys(prefix), "{" + prefix + "}" + f":node:{self.node}")
         # Batch ids are unique per engine instance, even for a node name used again.
         self._session = new_epoch()
         self._batches = 0

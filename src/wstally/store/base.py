@@ -13,7 +13,11 @@ from typing import Protocol
 
 from wstally.tally import Update
 
-__all__ = ["Store", "StoreError", "StoredState", "new_epoch"]
+__all__ = ["ROW_COLUMNS", "Store", "StoreError", "StoredState", "new_epoch"]
+
+# A stored update as ``wstally history`` reads, prints and verifies it, column by column:
+# the one list for the SQLite table and the Redis stream alike.
+ROW_COLUMNS = ("seq", "at", "conn", "client", "name", "req_id", "delta", "total")
 
 
 class StoreError(Exception):

@@ -12,6 +12,7 @@ notices when the path no longer names the open file, and the store then refuses 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import sqlite3
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from wstally import logsetup
-from wstally.store.base import StoredState, StoreError, new_epoch
+from wstally.store.base import ROW_COLUMNS, StoredState, StoreError, new_epoch
 from wstally.tally import Update
 
 __all__ = ["SQLiteStore"]
@@ -47,7 +48,8 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 """
 
-_COLUMNS = "seq, delta, total, at, conn, client, name, req_id"
+# In Update's field order, so that ``Update(*row)`` rebuilds an update from a selected row.
+_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Update))
 
 
 class SQLiteStore:
@@ -220,8 +222,6 @@ class SQLiteStore:
     # Read-only access for ``wstally history``: rows as stored, unconverted, so that a
     # verification sees exactly what is on disk.
 
-    ROW_COLUMNS = ("seq", "at", "conn", "client", "name", "req_id", "delta", "total")
-
     def meta(self) -> dict[str, str]:
         try:
             return {str(k): str(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
@@ -231,7 +231,7 @@ class SQLiteStore:
     def rows(
         self, since: int = 0, client: str | None = None, tail: int | None = None
     ) -> Iterator[tuple[object, ...]]:
-        """Update rows after ``since``, in seq order, as stored (``ROW_COLUMNS``).
+        """Update rows after ``since``, in seq order, as stored (``store.ROW_COLUMNS``).
 
         ``client`` keeps the rows of that client id or display name; ``tail`` only the last
         that many.
@@ -241,7 +241,7 @@ class SQLiteStore:
         if client is not None:
             where += " AND (client = ? OR name = ?)"
             params += [client, client]
-        columns = ", ".join(self.ROW_COLUMNS)
+        columns = ", ".join(ROW_COLUMNS)
         try:
             if tail is not None:
                 query = f"SELECT {columns} FROM updates WHERE {where} ORDER BY seq DESC LIMIT ?"
@@ -255,7 +255,7 @@ class SQLiteStore:
             raise StoreError(f"cannot read database {self.path}: {exc}") from exc
 
     def row(self, seq: int) -> tuple[object, ...] | None:
-        columns = ", ".join(self.ROW_COLUMNS)
+        columns = ", ".join(ROW_COLUMNS)
         try:
             found = self._db.execute(f"SELECT {columns} FROM updates WHERE seq = ?", (seq,))
             row: tuple[object, ...] | None = found.fetchone()
