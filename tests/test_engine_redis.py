@@ -414,6 +414,22 @@ async def test_close_ends_the_feed_at_once(engines: EngineFactory) -> None:
     assert time.monotonic() - start < within(0.5)
 
 
+async def test_close_is_quick_while_redis_is_down(
+    redis_server: RedisServer, engines: EngineFactory
+) -> None:
+    engine = await engines()
+    reader = FeedReader(engine)
+    await engine.submit([add(1)])
+    await reader.until_seq(1)
+    redis_server.kill9()
+    await asyncio.sleep(0.3)  # the follower lost its connection and waits to reconnect
+    assert engine.status()["redis"] == "disconnected"
+    start = time.monotonic()
+    await engine.close()
+    await asyncio.wait_for(reader.task, within(1))
+    assert time.monotonic() - start < within(0.2)
+
+
 # -- unknown outcomes ----------------------------------------------------------------------
 
 

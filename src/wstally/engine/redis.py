@@ -459,7 +459,7 @@ class _Follower:
         self.epoch, self.seq, self.total = start.epoch, start.seq, start.total
         # None ends the feed; an exception ends it with that error.
         self.queue: asyncio.Queue[FeedEvent | BaseException | None] = asyncio.Queue(_EVENTS_QUEUED)
-        self.stopping = False
+        self.stopping = asyncio.Event()
         self.blocked = False  # inside XREAD BLOCK: CLIENT UNBLOCK wakes it
         self.client_id: int | None = None
         self._check = True
@@ -475,7 +475,7 @@ class _Follower:
 
     async def _follow(self) -> None:
         delay = 0.05
-        while not self.stopping:
+        while not self.stopping.is_set():
             try:
                 await self._step()
                 delay = 0.05
@@ -493,7 +493,8 @@ class _Follower:
         # A reconnection needs the id of the new connection and a fresh look at the meta.
         self.client_id = None
         self._check = True
-        await asyncio.sleep(delay)
+        with contextlib.suppress(TimeoutError):  # cut short by close()
+            await asyncio.wait_for(self.stopping.wait(), delay)
 
     def nudge(self) -> None:
         """Read the meta hash before the next XREAD (a batch saw another epoch)."""
@@ -795,7 +796,7 @@ class RedisEngine:
         follower, task = self._follower, self._follower_task
         if follower is None:
             return
-        follower.stopping = True
+        follower.stopping.set()
         if task is not None:
             deadline = time.monotonic() + _BLOCK_MS / 1000 + self.unavailable_after
             while not task.done() and time.monotonic() < deadline:
