@@ -282,6 +282,8 @@ async def test_totals_are_exact_int64_and_overflow_refuses_one_add(
     history = await engine.history(0, 100)
     assert [u.total for u in history][-1] == INT64_MIN
     assert_gapless(history)
+    twice = await engine.submit([add(2**62), add(2**62), add(2**62), add(2**62)])
+    assert [getattr(r, "total", None) for r in twice] == [-(2**62), 0, 2**62, None]
 
 
 async def test_duplicate_from_another_node_gets_the_original_result(

@@ -444,9 +444,11 @@ def _refusal(kind: str, delta: int) -> Refused:
     return Refused("bad_delta", "delta must be in the signed 64-bit range")
 
 
-def _store_failed(exc: ResponseError) -> EngineError:
+def _store_failed(exc: RedisError) -> EngineError:
+    """An error Redis answered (or a reply redis-py could not read): retrying in the engine
+    would not help; some of them pass with time (out of memory, a replica promoted)."""
     message = str(exc)
-    transient = message.startswith(_TRANSIENT)
+    transient = not isinstance(exc, ResponseError) or message.startswith(_TRANSIENT)
     return EngineError("store_failed", f"Redis refused: {message}", transient=transient)
 
 
@@ -603,7 +605,7 @@ class RedisEngine:
         self._redis = self._client(socket_timeout=self.unavailable_after, connections=8)
         try:
             epoch, seq, total = await self._shielded(self._retrying(self._read_own_position))
-        except ResponseError as exc:
+        except RedisError as exc:
             raise _store_failed(exc) from exc
         await self._check_durability()
         self._position = Position(epoch, seq, total)
@@ -681,7 +683,7 @@ class RedisEngine:
 
             try:
                 return await self._retrying(attempt)
-            except ResponseError as exc:
+            except RedisError as exc:
                 raise _store_failed(exc) from exc
 
     async def _new_history(self, epoch: str) -> EngineError:
@@ -823,7 +825,10 @@ class RedisEngine:
     async def history(self, since: int, limit: int) -> list[Update]:
         if self._redis is None:
             raise EngineError("unavailable", "the Redis engine is not open", transient=True)
-        return await self._shielded(self._history(max(since, 0) + 1, limit))
+        try:
+            return await self._shielded(self._history(max(since, 0) + 1, limit))
+        except RedisError as exc:
+            raise _store_failed(exc) from exc
 
     async def _history(self, start: int, limit: int) -> list[Update]:
         redis = self._redis
