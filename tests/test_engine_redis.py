@@ -11,6 +11,7 @@ import contextlib
 import io
 import itertools
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -193,6 +194,23 @@ async def test_open_starts_one_history_shared_by_nodes(
     assert len(position.epoch) == 16
     second = await engines(node="b")
     assert second.status()["epoch"] == position.epoch
+
+
+async def test_a_unix_socket_url_works(tmp_path: Path) -> None:
+    # Socket paths are limited to ~100 bytes: pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="wstally-") as short:
+        sock = Path(short) / "redis.sock"
+        server = RedisServer(tmp_path / "redis", "--unixsocket", str(sock))
+        server.start()
+        engine = RedisEngine(f"unix://{sock}?db=0")
+        try:
+            await engine.open()
+            feed = engine.feed()
+            results = await engine.submit([add(1, "a"), add(2)])
+            assert await asyncio.wait_for(anext(feed), within(5)) == Published(applied(results))
+        finally:
+            await engine.close()
+            server.stop()
 
 
 async def test_durable_redis_logs_no_warning(redis_server: RedisServer) -> None:
