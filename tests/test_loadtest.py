@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 from helpers import within
+from redisproc import RedisServer, redis_server_binary
+from servers import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "loadtest.py"
@@ -252,3 +254,154 @@ def test_ctrl_c_ends_a_run_with_130_and_no_traceback(tmp_path: Path) -> None:
     assert run.returncode == 130, output
     assert "interrupted: no verdict" in output
     assert "Traceback" not in output
+
+
+# Several nodes of one tally (the Redis engine): the verdict holds across them.
+
+
+def _checks(figures: dict[str, Any]) -> list[str]:
+    return [c["what"] for c in figures["checks"]]
+
+
+def test_spawned_nodes_pass_with_one_order_across_them(tmp_path: Path) -> None:
+    redis_server_binary()
+    code, figures, output = loadtest(
+        tmp_path,
+        "--spawn",
+        "--nodes",
+        "2",
+        "--watchers",
+        "6",
+        "--senders",
+        "4",
+        "--updates",
+        "1200",
+    )
+    assert code == 0, output
+    applied = figures["final"]["seq"] - figures["start"]["seq"]
+    assert figures["acked"] == applied == 1200
+    # Round-robin: half the watchers and half the senders on each node.
+    nodes = figures["nodes"]
+    assert [(n["watchers"], n["senders"]) for n in nodes] == [(3, 2), (3, 2)]
+    assert sum(n["acked"] for n in nodes) == 1200
+    # Every watcher on every node received every update, and both nodes ended in one place.
+    assert [n["deliveries"] for n in nodes] == [1200 * 3, 1200 * 3]
+    assert len({(n["final"]["seq"], n["final"]["total"], n["final"]["epoch"]) for n in nodes}) == 1
+    assert any(what.startswith("one order:") for what in _checks(figures))
+    assert any(what.startswith("all 2 nodes reported one seq") for what in _checks(figures))
+    # An add sent on one node and seen by a watcher of the other: timed apart.
+    assert figures["fanout_cross_node_ms"]["count"] > 0
+    assert figures["fanout_same_node_ms"]["count"] > 0
+    # Redis's own accounting of the run, and both nodes' CPU.
+    assert figures["redis"]["script_calls"] > 0
+    assert figures["redis"]["cpu_us_per_add"] > 0
+    assert all(n["cpu_seconds"] > 0 for n in nodes)
+
+
+def test_urls_of_running_nodes_are_loaded_round_robin(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    nodes = [
+        ServeProcess(tmp_path, "--port", "0", "--redis", redis_server.url, "--node", f"n{i}")
+        for i in range(3)
+    ]
+    try:
+        urls = [arg for node in nodes for arg in ("--url", node.url)]
+        code, figures, output = loadtest(
+            tmp_path, *urls, "--watchers", "7", "--senders", "3", "--duration", "1.5"
+        )
+    finally:
+        for node in nodes:
+            node.close()
+    assert code == 0, output
+    # Watcher k and sender k go to URL k mod 3.
+    placed = [(n["url"], n["watchers"], n["senders"]) for n in figures["nodes"]]
+    assert placed == [(node.url, w, 1) for node, w in zip(nodes, (3, 2, 2), strict=True)]
+    applied = figures["final"]["seq"] - figures["start"]["seq"]
+    assert applied == figures["acked"] > 0
+    assert figures["deliveries"] == applied * 7
+
+
+def test_servers_that_do_not_share_a_total_fail_the_verdict(tmp_path: Path) -> None:
+    # Two independent servers, each with its own total: each node's watchers see a
+    # consistent history of their own, but not the same one.
+    ports = [_free_port(), _free_port()]
+    naive = [
+        subprocess.Popen(
+            [sys.executable, "-m", "wstally.loadgen.naive_server", "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        for port in ports:
+            _wait_for_port(port)
+        urls = [arg for port in ports for arg in ("--url", f"ws://127.0.0.1:{port}/")]
+        code, figures, output = loadtest(
+            tmp_path, *urls, "--watchers", "4", "--senders", "2", "--updates", "400"
+        )
+    finally:
+        for proc in naive:
+            proc.kill()
+            proc.wait()
+    assert code == 1, output
+    failed = [c["what"] for c in figures["checks"] if not c["ok"]]
+    assert any("disagreements on the total after a seq" in what for what in failed), failed
+    assert any("the nodes disagree" in what for what in failed), failed
+
+
+def test_adds_refused_as_unavailable_are_resent_and_count_once(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Redis hangs for longer than a node waits for it: the node answers unavailable (the
+    # outcome of its batch unknown), the generator resends with the same ids.
+    nodes = [
+        ServeProcess(tmp_path, "--port", "0", "--redis", redis_server.url, "--node", f"n{i}")
+        for i in range(2)
+    ]
+    out = tmp_path / "result.json"
+    try:
+        urls = [arg for node in nodes for arg in ("--url", node.url)]
+        load = ("--watchers", "4", "--senders", "2", "--rate", "100", "--duration", "6")
+        run = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--quiet", "--json", str(out), *urls, *load],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        time.sleep(2.5)  # connected, sending
+        redis_server.pause()
+        time.sleep(3.0)
+        redis_server.resume()
+        output, _ = run.communicate(timeout=within(120))
+    finally:
+        redis_server.resume()
+        for node in nodes:
+            node.close()
+    figures = json.loads(out.read_text())
+    assert run.returncode == 0, output
+    assert figures["unavailable"] > 0, "no add met the outage"
+    assert figures["refused"] == {}
+    applied = figures["final"]["seq"] - figures["start"]["seq"]
+    assert applied == figures["acked"] == figures["sent"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + within(15)
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -24,7 +24,13 @@ from rich.live import Live
 from rich.table import Table
 
 from wstally.loadgen import naive_server
-from wstally.loadgen.server_proc import ProcReader, SpawnedServer, healthz
+from wstally.loadgen.server_proc import (
+    ProcReader,
+    SpawnedRedis,
+    SpawnedServer,
+    healthz,
+    redis_info,
+)
 from wstally.loadgen.worker import Plan, Shared, new_histogram, run_worker
 from wstally.options import ws_url
 
@@ -43,14 +49,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--url",
         type=ws_url,
-        default=DEFAULT_URL,
-        help="server to load (ignored with --spawn) [default %(default)s]",
+        action="append",
+        help=f"server to load (ignored with --spawn) [default {DEFAULT_URL}]; repeat it for "
+        "the nodes of one tally: watcher k and sender k connect to the (k mod N)th URL",
     )
     p.add_argument("--spawn", action="store_true", help="start a throwaway server for the run")
     p.add_argument(
+        "--nodes",
+        type=int,
+        metavar="N",
+        help="start a private redis-server (AOF always, temp dir, free port) and N nodes "
+        "(wstally serve --redis), load them round-robin, stop them at the end (implies --spawn)",
+    )
+    p.add_argument(
         "--store",
         choices=("sqlite", "memory"),
-        default="sqlite",
         help="store of the spawned server (default sqlite in a temp dir)",
     )
     p.add_argument(
@@ -62,8 +75,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--server-cpus",
         metavar="LIST",
+        action="append",
         help="pin spawned servers to these CPUs (taskset -c LIST), e.g. 0; run the generator "
-        "itself under taskset -c 1 for one core each",
+        "itself under taskset -c 1 for one core each; repeated, node i gets the (i mod N)th",
+    )
+    p.add_argument(
+        "--redis-cpus",
+        metavar="LIST",
+        help="pin the redis-server of --nodes to these CPUs (taskset -c LIST)",
     )
     p.add_argument(
         "--compare",
@@ -139,6 +158,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.duration is None and args.updates is None:
         args.duration = 10.0
+    args.url = args.url or [DEFAULT_URL]
+    if args.nodes is not None:
+        if args.nodes < 1:
+            p.error("--nodes must be at least 1")
+        for clash, given in (
+            ("--store", args.store),
+            ("--server-cmd", args.server_cmd),
+            ("--compare", args.compare),
+        ):
+            if given is not None:
+                p.error(f"--nodes starts wstally serve --redis nodes: it excludes {clash}")
+        args.spawn = True
+    args.store = args.store or "sqlite"
     return args
 
 
@@ -184,41 +216,78 @@ def _merge(encoded: list[bytes]) -> HdrHistogram:
     return merged
 
 
+def _agree(bodies: list[dict[str, Any]]) -> bool:
+    return len({(b.get("seq"), b.get("total"), b.get("epoch")) for b in bodies}) == 1
+
+
 class LoadTest:
     def __init__(self, args: argparse.Namespace, console: Console) -> None:
         self.args = args
         self.console = console
-        self.server: SpawnedServer | None = None
+        self.servers: list[SpawnedServer] = []
+        self.redis: SpawnedRedis | None = None
         self.figures: dict[str, Any] = {}
         self.tls = False
+        self.targets: list[tuple[str, int]] = []
+        self.urls: list[str] = []
 
     def run(self) -> int:
         args = self.args
-        if args.spawn:
-            command = shlex.split(args.server_cmd) if args.server_cmd else None
-            self.server = SpawnedServer(args.store, command, args.server_cpus)
-            host, port = self.server.host, self.server.port
-            pid: int | None = self.server.proc.pid
-        else:
-            parts = urlsplit(args.url)
-            if parts.scheme not in ("ws", "wss") or parts.hostname is None:
-                self.console.print(f"[red]unsupported URL {args.url}; use ws:// or wss://")
+        try:
+            pids = self._spawn() if args.spawn else self._targets()
+            if pids is None:
                 return 2
-            self.tls = parts.scheme == "wss"
-            host, port = parts.hostname, parts.port or (443 if self.tls else 80)
+            return self._run(pids)
+        finally:
+            for server in self.servers:
+                server.stop()
+            if self.redis is not None:
+                self.redis.stop()
+
+    def _spawn(self) -> list[int | None]:
+        args = self.args
+        cpus = args.server_cpus or [None]
+        if args.nodes is not None:
+            self.redis = SpawnedRedis(args.redis_cpus)
+            for i in range(args.nodes):
+                self.servers.append(
+                    SpawnedServer(cpus=cpus[i % len(cpus)], redis=self.redis.url, node=f"n{i}")
+                )
+        else:
+            command = shlex.split(args.server_cmd) if args.server_cmd else None
+            self.servers.append(SpawnedServer(args.store, command, cpus[0]))
+        self.targets = [(s.host, s.port) for s in self.servers]
+        self.urls = [f"ws://{s.host}:{s.port}/" for s in self.servers]
+        return [s.proc.pid for s in self.servers]
+
+    def _targets(self) -> list[int | None] | None:
+        """The --url targets, checked: one scheme, loopback unless allowed, answering."""
+        args = self.args
+        schemes = set()
+        for url in args.url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("ws", "wss") or parts.hostname is None:
+                self.console.print(f"[red]unsupported URL {url}; use ws:// or wss://")
+                return None
+            schemes.add(parts.scheme)
+            tls = parts.scheme == "wss"
+            host, port = parts.hostname, parts.port or (443 if tls else 80)
             if not args.allow_remote and not _is_loopback(host):
                 self.console.print(f"[red]{host} is not a loopback address; see --allow-remote")
-                return 2
-            pid = args.server_pid
-            if not self._reachable(host, port):
-                return 2
-        try:
-            return self._run(host, port, pid)
-        finally:
-            if self.server is not None:
-                self.server.stop()
+                return None
+            self.targets.append((host, port))
+            self.urls.append(url)
+        if len(schemes) > 1:
+            self.console.print("[red]mixed ws:// and wss:// URLs; use one scheme")
+            return None
+        self.tls = schemes == {"wss"}
+        for url, (host, port) in zip(self.urls, self.targets, strict=True):
+            if not self._reachable(url, host, port):
+                return None
+        # --server-pid describes the first URL's server.
+        return [args.server_pid] + [None] * (len(self.targets) - 1)
 
-    def _reachable(self, host: str, port: int) -> bool:
+    def _reachable(self, url: str, host: str, port: int) -> bool:
         """Is a server answering there? One line when not, rather than a traceback."""
         tls = ssl.create_default_context(cafile=self.args.cafile) if self.tls else None
         try:
@@ -228,17 +297,18 @@ class LoadTest:
             # Nothing listening says it all; anything else (TLS, HTTP) is worth naming.
             why = "" if isinstance(reason, ConnectionRefusedError) else f" ({reason})"
             self.console.print(
-                f"no server at {self.args.url}{why}; start one or use --spawn",
+                f"no server at {url}{why}; start one or use --spawn",
                 markup=False,
                 highlight=False,
             )
             return False
         return True
 
-    def _run(self, host: str, port: int, pid: int | None) -> int:
+    def _run(self, pids: list[int | None]) -> int:
         args = self.args
         ctx = mp.get_context("spawn")
         procs_n = max(1, args.processes)
+        host, port = self.targets[0]
         shared = Shared(
             ready=ctx.Value("i", 0),
             go=ctx.Event(),
@@ -248,6 +318,7 @@ class LoadTest:
             progress=ctx.RawArray("q", 4 * procs_n),
             send_times=ctx.RawArray("d", RING),
             results=ctx.Queue(),
+            send_urls=ctx.RawArray("h", RING),
         )
         run_id = secrets.token_hex(4)
         watchers = _split(args.watchers, procs_n)
@@ -256,6 +327,10 @@ class LoadTest:
         per_sender = None
         if args.updates is not None:
             per_sender = max(1, args.updates // max(1, args.senders))
+
+        def offset(parts: list[int], i: int) -> int:
+            return sum(parts[:i])
+
         plans = [
             Plan(
                 index=i,
@@ -275,16 +350,20 @@ class LoadTest:
                 stalled=stalled[i],
                 cafile=args.cafile,
                 token=args.token,
+                targets=tuple(self.targets),
+                watcher_offset=offset(watchers, i),
+                sender_offset=offset(senders, i),
+                stalled_offset=offset(stalled, i),
             )
             for i in range(procs_n)
         ]
         workers = [ctx.Process(target=run_worker, args=(plan, shared)) for plan in plans]
         for w in workers:
             w.start()
-        proc = ProcReader(pid) if pid is not None else None
+        procs = [ProcReader(pid) if pid is not None else None for pid in pids]
         results: list[dict[str, Any]] = []
         try:
-            results = self._drive(host, port, shared, workers, proc)
+            results = self._drive(shared, workers, procs)
         except KeyboardInterrupt:
             for w in workers:
                 w.kill()  # an interrupted run has nothing to report
@@ -296,13 +375,31 @@ class LoadTest:
                     w.kill()
         return self._judge(results)
 
+    def _positions(self, patience: float) -> list[dict[str, Any]]:
+        """Every target's /healthz; with several, until they agree or ``patience`` is over
+        (a node's position follows the shared feed: it may trail another by a moment)."""
+        deadline = time.monotonic() + patience
+        while True:
+            wait = max(0.0, deadline - time.monotonic())
+            bodies = [
+                _healthz_retrying(host, port, wait, self.health_tls, self.args.token)
+                for host, port in self.targets
+            ]
+            if _agree(bodies) or time.monotonic() >= deadline:
+                return bodies
+            time.sleep(0.05)
+
+    def _redis_stats(self) -> dict[str, dict[str, str]]:
+        if self.redis is None:
+            return {}
+        host, port = self.redis.host, self.redis.port
+        return {section: redis_info(host, port, section) for section in ("cpu", "commandstats")}
+
     def _drive(
         self,
-        host: str,
-        port: int,
         shared: Shared,
         workers: list[Any],
-        proc: ProcReader | None,
+        procs: list[ProcReader | None],
     ) -> list[dict[str, Any]]:
         args = self.args
         n = len(workers)
@@ -313,9 +410,16 @@ class LoadTest:
             time.sleep(0.02)
         self.connect_wall = time.monotonic() - t_connect
         self.health_tls = ssl.create_default_context(cafile=args.cafile) if self.tls else None
-        self.start = healthz(host, port, tls=self.health_tls, token=args.token)
-        self.cpu0 = proc.cpu_seconds() if proc else None
-        self.mem_before = proc.memory_kib() if proc else {}
+        several = len(self.targets) > 1
+        self.starts = self._positions(3.0 if several else 0.0)
+        self.start = max(self.starts, key=lambda b: int(b["seq"]))
+        self.procs = procs
+        self.cpu0s = [p.cpu_seconds() if p else None for p in procs]
+        self.mems_before = [p.memory_kib() if p else {} for p in procs]
+        redis_pid = self.redis.proc.pid if self.redis and self.redis.proc else None
+        self.redis_proc = ProcReader(redis_pid) if redis_pid else None
+        self.redis0 = self._redis_stats()
+        self.redis_cpu0 = self.redis_proc.cpu_seconds() if self.redis_proc else None
         shared.go.set()
         t0 = time.monotonic()
         live = (
@@ -344,9 +448,11 @@ class LoadTest:
             if live is not None:
                 live.stop()
         self.send_wall = time.monotonic() - t0
-        self.mem_during = proc.memory_kib() if proc else {}
-        patience = 30.0 if args.reconnect else 0.0
-        self.final = _healthz_retrying(host, port, patience, self.health_tls, args.token)
+        self.mems_during = [p.memory_kib() if p else {} for p in procs]
+        patience = 30.0 if args.reconnect else 10.0 if several else 0.0
+        self.finals = self._positions(patience)
+        # The furthest node: the others can only be behind it (and the verdict says so).
+        self.final = max(self.finals, key=lambda b: int(b["seq"]))
         shared.final_seq.value = int(self.final["seq"])
         results: list[dict[str, Any]] = []
         deadline = time.monotonic() + 120
@@ -356,8 +462,10 @@ class LoadTest:
             except Exception:  # queue.Empty: keep waiting while workers live
                 if not any(w.is_alive() for w in workers) and shared.results.empty():
                     break
-        self.cpu1 = proc.cpu_seconds() if proc else None
-        self.mem_after = proc.memory_kib() if proc else {}
+        self.cpu1s = [p.cpu_seconds() if p else None for p in procs]
+        self.mems_after = [p.memory_kib() if p else {} for p in procs]
+        self.redis_cpu1 = self.redis_proc.cpu_seconds() if self.redis_proc else None
+        self.redis1 = self._redis_stats()
         return results
 
     def _progress_line(self, shared: Shared, n: int, elapsed: float) -> str:
@@ -454,6 +562,9 @@ class LoadTest:
                 else f"{gaps} gaps not covered by a snapshot, e.g. {examples}",
             )
         )
+        checks.append(_one_order(good))
+        if len(self.targets) > 1:
+            checks.append(self._one_position())
         passed = all(ok for ok, _ in checks)
 
         figures = self._figures(good, acked, sent, refused)
@@ -467,6 +578,15 @@ class LoadTest:
             with open(args.json, "w") as out:
                 json.dump(self.figures, out, indent=2)
         return 0 if passed else 1
+
+    def _one_position(self) -> tuple[bool, str]:
+        """Every node of the tally at one position (seq, total, epoch), at start and end."""
+        for when, bodies in (("start", self.starts), ("end", self.finals)):
+            if not _agree(bodies):
+                seen = [(b.get("seq"), b.get("total"), b.get("epoch")) for b in bodies]
+                return False, f"the nodes disagree at the {when}: (seq, total, epoch) {seen}"
+        n = len(self.finals)
+        return True, f"all {n} nodes reported one seq, total and epoch at the start and the end"
 
     def _figures(
         self, good: list[dict[str, Any]], acked: int, sent: int, refused: dict[str, int]
@@ -498,29 +618,76 @@ class LoadTest:
             "snapshots_seen": sum(r["snapshots"] for r in good),
             "reconnects": sum(r["reconnects"] for r in good),
             "stalled": sum(r["stalled"] for r in good),
-            # A reader that stopped reading cannot see its own eviction: ask the server.
-            "evicted_by_server": int(self.final.get("evicted", 0))
-            - int(self.start.get("evicted", 0)),
+            # A reader that stopped reading cannot see its own eviction: ask the servers.
+            "evicted_by_server": sum(int(b.get("evicted", 0)) for b in self.finals)
+            - sum(int(b.get("evicted", 0)) for b in self.starts),
             "resent": sum(r["resent"] for r in good),
             # Refused as too many per second, then sent again (same id) at a slower pace.
             "rate_limited": sum(r["rate_limited"] for r in good),
+            # Refused as unavailable (the shared engine unreachable), then resent (same id).
+            "unavailable": sum(r.get("unavailable", 0) for r in good),
             "generator_cpu": [round(c, 3) for c in gen_cpu],
             "generator_saturated": any(c > 0.9 for c in gen_cpu),
             "start": self.start,
             "final": self.final,
         }
-        if self.cpu0 is not None and self.cpu1 is not None:
-            cpu = self.cpu1 - self.cpu0
+        pairs = zip(self.cpu0s, self.cpu1s, strict=True)
+        cpus = [b - a for a, b in pairs if a is not None and b is not None]
+        if cpus:
+            # Every server measured, together (one unless several nodes were spawned).
+            cpu = sum(cpus)
+            rss = sum(m.get("VmRSS", 0) for m in self.mems_during)
             figures["server_cpu_seconds"] = round(cpu, 3)
             figures["server_cpu_us_per_delivery"] = round(cpu * 1e6 / max(items, 1), 4)
-            figures["server_rss_kib"] = self.mem_during.get("VmRSS")
-            figures["server_peak_rss_kib"] = self.mem_after.get("VmHWM")
+            figures["server_cpu_us_per_add"] = round(cpu * 1e6 / max(acked, 1), 2)
+            figures["server_rss_kib"] = rss
+            figures["server_peak_rss_kib"] = sum(m.get("VmHWM", 0) for m in self.mems_after)
             conns = figures["connections"]
-            if conns and self.mem_during.get("VmRSS"):
-                figures["server_rss_kib_per_connection"] = round(
-                    self.mem_during["VmRSS"] / conns, 2
+            if conns and rss:
+                figures["server_rss_kib_per_connection"] = round(rss / conns, 2)
+        if len(self.targets) > 1:
+            figures["nodes"] = self._node_figures(good, run_seconds, send_seconds)
+            figures["fanout_same_node_ms"] = _percentiles(
+                _merge([r["fanout_same_hist"] for r in good])
+            )
+            figures["fanout_cross_node_ms"] = _percentiles(
+                _merge([r["fanout_cross_hist"] for r in good])
+            )
+        if self.redis0 and self.redis1:
+            figures["redis"] = _redis_figures(self.redis0, self.redis1, acked)
+            if self.redis_cpu0 is not None and self.redis_cpu1 is not None:
+                figures["redis"]["process_cpu_seconds"] = round(
+                    self.redis_cpu1 - self.redis_cpu0, 3
                 )
         return figures
+
+    def _node_figures(
+        self, good: list[dict[str, Any]], run_seconds: float, send_seconds: float
+    ) -> list[dict[str, Any]]:
+        """Per target: its connections (placed round-robin), what they did, its CPU."""
+        nodes = []
+        for u, url in enumerate(self.urls):
+            mine = [r["per_url"][u] for r in good]
+            items = sum(m["items"] for m in mine)
+            acked = sum(m["acked"] for m in mine)
+            node: dict[str, Any] = {
+                "url": url,
+                "watchers": sum(m["watchers"] for m in mine),
+                "senders": sum(m["senders"] for m in mine),
+                "acked": acked,
+                "ingest_per_s": round(acked / send_seconds, 1),
+                "deliveries": items,
+                "deliveries_per_s": round(items / run_seconds, 1),
+                "fanout_ms": _percentiles(_merge([m["fanout_hist"] for m in mine])),
+                "final": self.finals[u],
+            }
+            a, b = self.cpu0s[u], self.cpu1s[u]
+            if a is not None and b is not None:
+                node["cpu_seconds"] = round(b - a, 3)
+                node["cpu_us_per_delivery"] = round((b - a) * 1e6 / max(items, 1), 4)
+                node["rss_kib"] = self.mems_during[u].get("VmRSS")
+            nodes.append(node)
+        return nodes
 
     def _print(self, f: dict[str, Any], checks: list[tuple[bool, str]], passed: bool) -> None:
         table = Table(title="wstally load test", show_header=False)
@@ -559,6 +726,28 @@ class LoadTest:
             table.add_row(
                 "server RSS / peak (KiB)", f"{f['server_rss_kib']:,} / {f['server_peak_rss_kib']:,}"
             )
+        if f["unavailable"]:
+            table.add_row("unavailable, then resent", f"{f['unavailable']:,}")
+        for node in f.get("nodes", []):
+            cpu = f", CPU {node['cpu_seconds']} s" if "cpu_seconds" in node else ""
+            table.add_row(
+                f"node {node['url']}",
+                f"{node['watchers']:,} watchers, {node['senders']} senders, "
+                f"{node['ingest_per_s']:,.0f} acked/s, {node['deliveries_per_s']:,.0f} "
+                f"deliveries/s{cpu}",
+            )
+        if "fanout_cross_node_ms" in f:
+            for key, label in (("fanout_same_node_ms", "same"), ("fanout_cross_node_ms", "other")):
+                table.add_row(
+                    f"fan-out, sender on the {label} node p50/p99/max",
+                    _ms(f[key], "p50", "p99", "max"),
+                )
+        if "redis" in f:
+            r = f["redis"]
+            table.add_row(
+                "Redis CPU s (µs/add); in scripts µs/add",
+                f"{r['cpu_seconds']} ({r['cpu_us_per_add']}); {r['script_us_per_add']}",
+            )
         table.add_row("generator CPU (cores)", ", ".join(f"{c:.2f}" for c in f["generator_cpu"]))
         self.console.print(table)
         if f["generator_saturated"]:
@@ -570,6 +759,75 @@ class LoadTest:
         for ok, what in checks:
             self.console.print(("[green]ok  [/] " if ok else "[red]FAIL[/] ") + what)
         self.console.print("[bold green]PASS" if passed else "[bold red]FAIL")
+
+
+def _one_order(good: list[dict[str, Any]]) -> tuple[bool, str]:
+    """Every watcher (on every node) saw one order: wherever two of them, or a watcher and
+    an ack, tell the total after one seq, they tell the same total."""
+    totals: dict[int, int] = {}
+    conflicts = sum(r.get("position_conflicts", 0) for r in good)
+    examples = [tuple(e) for r in good for e in r.get("position_examples", [])]
+    sources = [(r["acked_seqs"], r["acked_totals"]) for r in good if "acked_totals" in r]
+    sources += [(r["position_seqs"], r["position_totals"]) for r in good if "position_seqs" in r]
+    for seqs_blob, totals_blob in sources:
+        seqs, sums = array("q"), array("q")
+        seqs.frombytes(seqs_blob)
+        sums.frombytes(totals_blob)
+        for seq, total in zip(seqs, sums, strict=True):
+            known = totals.setdefault(seq, total)
+            if known != total:
+                conflicts += 1
+                if len(examples) < 3:
+                    examples.append((seq, known, total))
+    if conflicts:
+        return False, (
+            f"{conflicts} disagreements on the total after a seq (seq, one total, another): "
+            f"{examples[:3]}"
+        )
+    return True, (
+        f"one order: every watcher and every ack agree on the total at {len(totals):,} seqs"
+    )
+
+
+def _redis_figures(
+    before: dict[str, dict[str, str]], after: dict[str, dict[str, str]], acked: int
+) -> dict[str, Any]:
+    """Redis's own accounting over the run: its CPU, and the time inside each command."""
+
+    def cpu(info: dict[str, str]) -> float:
+        return float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0))
+
+    def stats(info: dict[str, str]) -> dict[str, tuple[int, int]]:
+        found = {}
+        for key, value in info.items():
+            if key.startswith("cmdstat_"):
+                fields = dict(part.split("=", 1) for part in value.split(","))
+                found[key[8:]] = (int(fields["calls"]), int(fields["usec"]))
+        return found
+
+    per_add = max(acked, 1)
+    used = cpu(after["cpu"]) - cpu(before["cpu"])
+    start, end = stats(before["commandstats"]), stats(after["commandstats"])
+    commands: dict[str, dict[str, float]] = {}
+    for name, (calls, usec) in end.items():
+        calls0, usec0 = start.get(name, (0, 0))
+        if calls > calls0:
+            commands[name] = {
+                "calls": calls - calls0,
+                "usec": usec - usec0,
+                "usec_per_add": round((usec - usec0) / per_add, 3),
+            }
+    scripts = {k: v for k, v in commands.items() if k in ("evalsha", "eval")}
+    script_calls = int(sum(v["calls"] for v in scripts.values()))
+    script_usec = sum(v["usec"] for v in scripts.values())
+    return {
+        "cpu_seconds": round(used, 3),
+        "cpu_us_per_add": round(used * 1e6 / per_add, 2),
+        "script_calls": script_calls,
+        "adds_per_script": round(acked / script_calls, 1) if script_calls else None,
+        "script_us_per_add": round(script_usec / per_add, 2),
+        "commands": commands,
+    }
 
 
 def _ms(figs: dict[str, float], *keys: str) -> str:

@@ -24,13 +24,20 @@ from hdrh.histogram import HdrHistogram
 from wstally.client.pacing import Pacer
 from wstally.loadgen.wire import FrameClient, open_client
 
-__all__ = ["Plan", "Shared", "new_histogram", "run_worker"]
+__all__ = ["Plan", "Positions", "Shared", "new_histogram", "run_worker"]
 
 _UPDATES = b'{"type":"updates","seq":'
 _PRESENCE = b'{"type":"presence"'
 
 # Watchers per generator process whose deliveries are timed for the fan-out histogram.
 LATENCY_WATCHERS = 50
+
+# Refusals after which an add is sent again, same id: nothing was applied (rate_limited), or
+# the outcome is unknown and the id makes a resend safe (unavailable: the shared engine,
+# Redis, could not be reached).
+RESENT_CODES = frozenset({"rate_limited", "unavailable"})
+RETRY_FIRST = 0.05  # seconds before resending an add refused as unavailable; doubles ...
+RETRY_MAX = 1.0  # ... up to this, until an add is acked again
 
 # Latencies are recorded in microseconds, from 1 µs to 10 minutes, 3 significant digits.
 HIST_MAX_US = 600_000_000
@@ -60,6 +67,16 @@ class Plan:
     cafile: str | None = None
     token: str | None = None
     run_id: str = ""  # makes hello client ids unique to this run
+    # Several servers (nodes of one tally): watcher k, sender k and stalled reader k of the
+    # whole run go to targets[k % len(targets)]; the offsets are this process's first k.
+    targets: tuple[tuple[str, int], ...] = ()  # () means ((host, port),)
+    watcher_offset: int = 0
+    sender_offset: int = 0
+    stalled_offset: int = 0
+
+
+def _targets(plan: Plan) -> tuple[tuple[str, int], ...]:
+    return plan.targets or ((plan.host, plan.port),)
 
 
 @dataclass
@@ -74,14 +91,55 @@ class Shared:
     progress: Any  # RawArray('q', 4 * workers): acked, items, errors, connected
     send_times: Any  # RawArray('d', ring): send time of sampled seqs
     results: Any  # Queue
+    send_urls: Any = None  # RawArray('b', ring): target index of the sender of sampled seqs
+
+
+class Positions:
+    """The (seq, total) pairs this process's watchers saw, each at the end of a frame.
+
+    Two watchers (on one node or on two) that saw the same updates in another order, or
+    another update under one seq, disagree on the total after some seq: the coordinator
+    merges every process's pairs with the totals of the acks and counts disagreements.
+    """
+
+    __slots__ = ("conflicts", "examples", "seen")
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+        self.conflicts = 0
+        self.examples: list[tuple[int, int, int]] = []
+
+    def conflict(self, seq: int, total: int) -> None:
+        self.conflicts += 1
+        if len(self.examples) < 5:
+            self.examples.append((seq, self.seen[seq], total))
 
 
 class Watcher:
     """Checks continuity and counts deliveries from frame headers alone."""
 
-    __slots__ = ("frames", "gaps", "items", "last_seq", "last_total", "sample", "snapshots", "t")
+    __slots__ = (
+        "frames",
+        "gaps",
+        "items",
+        "last_seq",
+        "last_total",
+        "positions",
+        "sample",
+        "snapshots",
+        "t",
+        "url",
+    )
 
-    def __init__(self, sample_every: int, samples: tuple[array[int], array[float]] | None):
+    def __init__(
+        self,
+        sample_every: int,
+        samples: tuple[array[int], array[float]] | None,
+        positions: Positions | None = None,
+        url: int = 0,
+    ):
+        self.positions = positions if positions is not None else Positions()
+        self.url = url  # index of the target it is connected to
         self.last_seq = -1
         self.last_total = 0
         self.items = 0
@@ -112,6 +170,12 @@ class Watcher:
             self.last_seq = msg["seq"]
             self.last_total = msg["total"]
             self.snapshots += 1
+            self._position(self.last_seq, self.last_total)
+
+    def _position(self, seq: int, total: int) -> None:
+        positions = self.positions
+        if positions.seen.setdefault(seq, total) != total:
+            positions.conflict(seq, total)
 
     def _updates(self, first: int, top: int, total: int) -> None:
         if first != self.last_seq + 1:
@@ -120,6 +184,9 @@ class Watcher:
         self.frames += 1
         self.last_seq = top
         self.last_total = total
+        positions = self.positions
+        if positions.seen.setdefault(top, total) != total:
+            positions.conflict(top, total)
         samples = self.t
         if samples is not None:
             k = self.sample
@@ -141,8 +208,10 @@ class SenderStats:
     duplicates: int = 0
     resent: int = 0
     rate_limited: int = 0  # refusals as too many per second: each add was sent again
+    unavailable: int = 0  # refusals as unavailable (engine unreachable): sent again, same id
     delta_sum: int = 0
     seqs: array[int] = field(default_factory=lambda: array("q"))
+    totals: array[int] = field(default_factory=lambda: array("q"))  # the total of each ack
 
 
 class Sender:
@@ -150,7 +219,9 @@ class Sender:
 
     Every add leaves through :meth:`_pump`, at the pace the server accepts: an add refused
     as ``rate_limited`` was not applied, so it is sent again, same id, first in line, and
-    the :class:`Pacer` slows the sender down, as ``wstally client`` does.
+    the :class:`Pacer` slows the sender down, as ``wstally client`` does. An add refused as
+    ``unavailable`` (the shared engine could not be reached) is sent again, same id, after a
+    growing delay: its outcome may be unknown, and the id makes the resend count once.
     """
 
     def __init__(self, name: str, plan: Plan, shared: Shared, ack_hist: HdrHistogram) -> None:
@@ -173,6 +244,8 @@ class Sender:
         self._pump_handle: asyncio.Handle | None = None
         self.ring = len(shared.send_times)
         self.resent: set[int] = set()
+        self.url = 0  # index of the target it is connected to
+        self._backoff = RETRY_FIRST
 
     def attach(self, client: FrameClient) -> None:
         """Use ``client``: say hello, and resend every add still unanswered, same ids.
@@ -258,19 +331,27 @@ class Sender:
         stats.acked += 1
         seq = ack["seq"]
         stats.seqs.append(seq)
+        stats.totals.append(ack["total"])
         stats.delta_sum += self.deltas.pop(n)
         self.ack_hist.record_value(max(1, int((now - sent) * 1e6)))
+        self._backoff = RETRY_FIRST
         k = self.plan.sample_every
         if seq % k == 0:
-            self.shared.send_times[(seq // k) % self.ring] = sent
+            slot = (seq // k) % self.ring
+            self.shared.send_times[slot] = sent
+            if self.shared.send_urls is not None:
+                self.shared.send_urls[slot] = self.url
         self._after_answer()
 
     def _error(self, err: dict[str, Any]) -> None:
         code = err.get("code", "?")
         req = err.get("id")
         n = int(req.rpartition("-")[2]) if isinstance(req, str) else None
-        if code == "rate_limited" and n in self.sent_at:
-            self._slow_down(n)
+        if code in RESENT_CODES and n in self.sent_at:
+            if code == "rate_limited":
+                self._slow_down(n)
+            else:
+                self._resend_later(n)
             return
         self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
         if n is not None:
@@ -285,6 +366,18 @@ class Sender:
         self.pacer.refused(self.last_sent.get(n, now), now)
         self._retry.append(n)
         self._schedule_pump()
+
+    def _resend_later(self, n: int) -> None:
+        self.stats.unavailable += 1
+        # The first attempt may have been applied after all: a duplicate ack is then right.
+        self.resent.add(n)
+        delay, self._backoff = self._backoff, min(RETRY_MAX, self._backoff * 2)
+        asyncio.get_running_loop().call_later(delay, self._requeue, n)
+
+    def _requeue(self, n: int) -> None:
+        if n in self.sent_at:  # else answered meanwhile (a reconnect resent it)
+            self._retry.append(n)
+            self._schedule_pump()
 
     def _after_answer(self) -> None:
         if self.plan.rate is None:
@@ -326,15 +419,17 @@ def _greet_watcher(plan: Plan, index: int, conn: FrameClient) -> None:
 async def _stall(plan: Plan) -> list[FrameClient]:
     """Connections that read their snapshot and then nothing: the slow-consumer probe."""
     stalled: list[FrameClient] = []
-    for _ in range(plan.stalled):
+    targets = _targets(plan)
+    for i in range(plan.stalled):
         holder: list[FrameClient] = []
+        host, port = targets[(plan.stalled_offset + i) % len(targets)]
 
         def stop_reading(_payload: bytes, holder: list[FrameClient] = holder) -> None:
             if holder and holder[0].transport is not None:
                 holder[0].transport.pause_reading()
 
         async with asyncio.timeout(plan.connect_timeout):
-            client = await open_client(plan.host, plan.port, stop_reading, *_access(plan))
+            client = await open_client(host, port, stop_reading, *_access(plan))
         holder.append(client)
         stalled.append(client)
     return stalled
@@ -372,20 +467,24 @@ def run_worker(plan: Plan, shared: Shared) -> None:
 
 
 async def _connect_all(
-    plan: Plan, callbacks: list[Any], hist: HdrHistogram
+    plan: Plan, callbacks: list[Any], urls: list[int], hist: HdrHistogram
 ) -> tuple[list[FrameClient | None], int, list[str]]:
+    """Connection i with callbacks[i] to target urls[i]."""
     sem = asyncio.Semaphore(200)
     errors: list[str] = []
     ramp_step = plan.ramp / max(1, len(callbacks))
 
+    targets = _targets(plan)
+
     async def one(i: int, cb: Any) -> FrameClient | None:
+        host, port = targets[urls[i]]
         if ramp_step:
             await asyncio.sleep(i * ramp_step)
         async with sem:
             started = time.monotonic()
             try:
                 async with asyncio.timeout(plan.connect_timeout):
-                    client = await open_client(plan.host, plan.port, cb, *_access(plan))
+                    client = await open_client(host, port, cb, *_access(plan))
             except (OSError, TimeoutError, Exception) as exc:
                 if len(errors) < 5:
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -401,21 +500,31 @@ async def _connect_all(
 async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
     base = plan.index * 4
     progress = shared.progress
-    samples = (array("q"), array("d"))
+    targets = _targets(plan)
+    n_targets = len(targets)
+    # Fan-out latency samples, by the target of the watcher that received them.
+    samples = [(array("q"), array("d")) for _ in targets]
+    positions = Positions()
+    # Round-robin across the targets, for watchers and senders alike (the index is the run's).
+    homes = [(plan.watcher_offset + i) % n_targets for i in range(plan.watchers)]
+    sender_homes = [(plan.sender_offset + i) % n_targets for i in range(plan.senders)]
     # Fan-out latency is sampled on a subset of watchers: they all receive the same frames
     # at about the same time, and matching every delivery to its send time would cost the
     # generator more than the run itself (16 M deliveries/s).
     watchers = [
-        Watcher(plan.sample_every, samples if i < LATENCY_WATCHERS else None)
-        for i in range(plan.watchers)
+        Watcher(plan.sample_every, samples[u] if i < LATENCY_WATCHERS else None, positions, u)
+        for i, u in enumerate(homes)
     ]
     ack_hist = new_histogram()
     senders = [Sender(f"w{plan.index}s{i}", plan, shared, ack_hist) for i in range(plan.senders)]
+    for sender, u in zip(senders, sender_homes, strict=True):
+        sender.url = u
+    conn_urls = homes + sender_homes
     connect_hist = new_histogram()
     cpu0 = time.process_time()
     t0 = time.monotonic()
     conns, failed, errors = await _connect_all(
-        plan, [w.on_text for w in watchers] + [s.on_text for s in senders], connect_hist
+        plan, [w.on_text for w in watchers] + [s.on_text for s in senders], conn_urls, connect_hist
     )
     connect_seconds = time.monotonic() - t0
     for i, conn in enumerate(conns[: plan.watchers]):
@@ -431,25 +540,35 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
 
     async def keep(i: int) -> None:
         # After a server crash and restart, come back: watchers resync from the snapshot,
-        # senders resend what was never answered.
+        # senders resend what was never answered. A target that refuses is left for the
+        # next one: with several nodes, the clients of a node that died move to another.
         while True:
             conn = conns[i]
             assert conn is not None
             await asyncio.shield(conn.closed)
             delay = 0.05
+            u = conn_urls[i]
             while not closing[0]:
+                host, port = targets[u]
                 try:
                     async with asyncio.timeout(5):
-                        conn = await open_client(plan.host, plan.port, callbacks[i], *_access(plan))
+                        conn = await open_client(host, port, callbacks[i], *_access(plan))
                 except Exception:
+                    u = (u + 1) % n_targets
                     await asyncio.sleep(delay)
                     delay = min(1.0, delay * 2)
                     continue
                 conns[i] = conn
+                conn_urls[i] = u
                 reconnects[0] += 1
                 if i >= plan.watchers:
+                    senders[i - plan.watchers].url = u
                     senders[i - plan.watchers].attach(conn)
                 else:
+                    watcher = watchers[i]
+                    watcher.url = u
+                    if watcher.t is not None:
+                        watcher.t = samples[u]
                     _greet_watcher(plan, i, conn)
                 break
             if closing[0]:
@@ -512,17 +631,26 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
     progress[base + 1] = sum(w.items for w in watchers)
 
     fanout = new_histogram()
+    by_url = [new_histogram() for _ in targets]
+    # With several nodes: the sender's node is the watcher's (same) or another (cross).
+    same, cross = new_histogram(), new_histogram()
     ring = len(shared.send_times)
     k = plan.sample_every
     send_times = shared.send_times
-    seqs, times = samples
+    send_urls = shared.send_urls if n_targets > 1 else None
     unmatched = 0
-    for seq, t in zip(seqs, times, strict=True):
-        sent = send_times[(seq // k) % ring]
-        if sent <= 0 or sent > t:
-            unmatched += 1
-            continue
-        fanout.record_value(max(1, int((t - sent) * 1e6)))
+    for u, (seqs, times) in enumerate(samples):
+        for seq, t in zip(seqs, times, strict=True):
+            slot = (seq // k) % ring
+            sent = send_times[slot]
+            if sent <= 0 or sent > t:
+                unmatched += 1
+                continue
+            micros = max(1, int((t - sent) * 1e6))
+            fanout.record_value(micros)
+            by_url[u].record_value(micros)
+            if send_urls is not None:
+                (same if send_urls[slot] == u else cross).record_value(micros)
 
     closing[0] = True
     for keeper in keepers:
@@ -555,10 +683,30 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
         "duplicates": sum(s.stats.duplicates for s in senders),
         "resent": sum(s.stats.resent for s in senders),
         "rate_limited": sum(s.stats.rate_limited for s in senders),
+        "unavailable": sum(s.stats.unavailable for s in senders),
         "reconnects": reconnects[0],
         "refused": _merge_counts(s.stats.refused for s in senders),
         "delta_sum": sum(s.stats.delta_sum for s in senders),
         "acked_seqs": array("q", [q for s in senders for q in s.stats.seqs]).tobytes(),
+        "acked_totals": array("q", [t for s in senders for t in s.stats.totals]).tobytes(),
+        "position_seqs": array("q", positions.seen.keys()).tobytes(),
+        "position_totals": array("q", positions.seen.values()).tobytes(),
+        "position_conflicts": positions.conflicts,
+        "position_examples": positions.examples,
+        "fanout_same_hist": same.encode(),
+        "fanout_cross_hist": cross.encode(),
+        "per_url": [
+            {
+                "watchers": sum(1 for h in homes if h == u),
+                "senders": sum(1 for h in sender_homes if h == u),
+                "items": sum(w.items for w, h in zip(watchers, homes, strict=True) if h == u),
+                "acked": sum(
+                    s.stats.acked for s, h in zip(senders, sender_homes, strict=True) if h == u
+                ),
+                "fanout_hist": by_url[u].encode(),
+            }
+            for u in range(n_targets)
+        ],
         "items": sum(w.items for w in watchers),
         "frames": sum(w.frames for w in watchers),
         "snapshots": sum(w.snapshots for w in watchers),
