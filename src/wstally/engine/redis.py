@@ -76,6 +76,7 @@ from redis.asyncio.connection import (
     Connection,
     SSLConnection,
     UnixDomainSocketConnection,
+    parse_url,
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -625,10 +626,12 @@ class RedisEngine:
                 await client.aclose()
 
     def _client(self, *, socket_timeout: float, connections: int) -> Redis:
-        pool = BlockingConnectionPool.from_url(
-            self.url,
+        options: dict[str, Any] = dict(parse_url(self.url))
+        # Ours win over the URL's query (redis-py's from_url lets the URL win): the engine
+        # relies on each of these.
+        options.update(
             max_connections=connections,
-            timeout=self.unavailable_after,
+            timeout=self.unavailable_after,  # waiting for a free connection
             socket_timeout=socket_timeout,
             socket_connect_timeout=min(1.0, self.unavailable_after),
             # Off: redis-py would resend a command across a restart on its own.
@@ -640,8 +643,9 @@ class RedisEngine:
             client_name=f"wstally:{self.node}",
         )
         if _hiredis_pack is not None:
-            pool.connection_class = _PACKED.get(pool.connection_class, pool.connection_class)
-        client = Redis(connection_pool=pool)
+            kind = options.get("connection_class", Connection)
+            options["connection_class"] = _PACKED.get(kind, kind)
+        client = Redis(connection_pool=BlockingConnectionPool(**options))
         # Stream replies stay nested lists: the fields are decoded by position, in one pass.
         client.set_response_callback("XRANGE", _raw)
         client.set_response_callback("XREAD", _raw)
