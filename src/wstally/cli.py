@@ -256,11 +256,39 @@ def _add_history(commands: Any) -> None:
     history = commands.add_parser(
         "history",
         help="the audit trail: stored updates, and --verify",
-        description="Print the updates stored in the SQLite database (read-only; works "
-        "while the server runs), or verify that their seqs and totals form an unbroken chain.",
+        description="Print the updates stored in the SQLite database or kept in Redis "
+        "(read-only; works while the server runs), or verify that their seqs and totals form "
+        "an unbroken chain.",
+    )
+    where = history.add_mutually_exclusive_group()
+    env_argument(
+        history,
+        "--db",
+        group=where,
+        env="DB",
+        default="wstally.db",
+        metavar="PATH",
+        help="SQLite database file",
     )
     env_argument(
-        history, "--db", env="DB", default="wstally.db", metavar="PATH", help="SQLite database file"
+        history,
+        "--redis",
+        group=where,
+        env="REDIS",
+        default=None,
+        type=redis_url,
+        metavar="URL",
+        help="read the history the nodes share in this Redis instead (the last 100,000 "
+        "updates; nothing is written)",
+    )
+    env_argument(
+        history,
+        "--redis-prefix",
+        env="REDIS_PREFIX",
+        default="wstally",
+        type=redis_prefix,
+        metavar="NAME",
+        help="key prefix in Redis, as given to serve",
     )
     history.add_argument("--since", type=BYTES, default=0, metavar="SEQ", help="rows after SEQ")
     history.add_argument("--client", metavar="C", help="rows of this hello client id or name")
@@ -438,7 +466,7 @@ def _env_origins() -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = _parser()
     args = parser.parse_args(argv)
-    apply_env(args, commands[args.command])
+    from_env = apply_env(args, commands[args.command])
     try:
         logsetup.configure(
             getattr(args, "log_format", "auto"),
@@ -462,5 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verify and (args.client is not None or args.tail is not None):
             print("wstally history: error: --verify checks the whole chain", file=sys.stderr)
             return 2
+        if "redis" in from_env and "db" not in from_env:
+            args.redis = None  # --db given beats a WSTALLY_REDIS meant for the servers
         return history.run(args)
     raise AssertionError(f"unhandled command {args.command}")

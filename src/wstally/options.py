@@ -205,10 +205,17 @@ def env_argument(
     return action
 
 
-def apply_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Fill every env-backed flag not given on the command line; a bad value is a usage error."""
+def apply_env(args: argparse.Namespace, parser: argparse.ArgumentParser) -> set[str]:
+    """Fill every env-backed flag not given on the command line; a bad value is a usage error.
+
+    Returns the dests it filled (from the environment or the default): the others were
+    given on the command line, for a command where a flag must beat another flag's variable.
+    """
+    filled = set()
     for option in getattr(args, _OPTIONS, ()):
         if getattr(args, option.dest, _UNSET) is _UNSET:
             setattr(args, option.dest, option.value(parser.error))
+            filled.add(option.dest)
     if hasattr(args, _OPTIONS):
         delattr(args, _OPTIONS)
+    return filled
