@@ -523,7 +523,7 @@ class _Follower:
         await self._publish(reply[0][1])
 
     async def _check_position(self) -> None:
-        epoch, seq, total = await self._engine.read_position(self._client)
+        epoch, seq, total = await self._engine._read_position(self._client)
         if epoch != self.epoch:
             await self._reset(Position(epoch, seq, total), "Redis holds a new history")
         elif seq < self.seq:
@@ -741,9 +741,9 @@ class RedisEngine:
 
     async def _read_own_position(self) -> tuple[str, int, int]:
         assert self._redis is not None
-        return await self.read_position(self._redis)
+        return await self._read_position(self._redis)
 
-    async def read_position(self, client: Redis) -> tuple[str, int, int]:
+    async def _read_position(self, client: Redis) -> tuple[str, int, int]:
         """The epoch, seq and total in Redis; a new epoch is started when there is none."""
         keys = self.keys[:3]
         epoch, seq, total = await self._open_script.run(client, keys, [new_epoch()])
