@@ -298,6 +298,37 @@ def test_spawned_nodes_pass_with_one_order_across_them(tmp_path: Path) -> None:
     assert all(n["cpu_seconds"] > 0 for n in nodes)
 
 
+def test_senders_on_one_node_and_watchers_on_another(tmp_path: Path) -> None:
+    redis_server_binary()
+    code, figures, output = loadtest(
+        tmp_path,
+        "--spawn",
+        "--nodes",
+        "2",
+        "--watchers-on",
+        "1",
+        "--senders-on",
+        "0",
+        "--watchers",
+        "4",
+        "--senders",
+        "2",
+        "--rate",
+        "200",
+        "--duration",
+        "1.5",
+    )
+    assert code == 0, output
+    assert [(n["watchers"], n["senders"]) for n in figures["nodes"]] == [(0, 2), (4, 0)]
+    # Every fan-out latency measured went from a sender on node 0 to a watcher on node 1.
+    assert figures["fanout_cross_node_ms"]["count"] == figures["fanout_ms"]["count"] > 0
+    assert figures["fanout_same_node_ms"] == {}
+    # A server index that is not there is a usage error.
+    code, _, output = loadtest(tmp_path, "--spawn", "--nodes", "2", "--watchers-on", "2")
+    assert code == 2
+    assert "--watchers-on: 2 is not a server index (0 to 1)" in output
+
+
 def test_urls_of_running_nodes_are_loaded_round_robin(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

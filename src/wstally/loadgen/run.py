@@ -80,6 +80,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "itself under taskset -c 1 for one core each; repeated, node i gets the (i mod N)th",
     )
     p.add_argument(
+        "--watchers-on",
+        type=_indices,
+        metavar="I,J",
+        help="place watchers (and --stalled readers) only on these servers, round-robin: "
+        "indices into the --url list or the --nodes, from 0 (default: all)",
+    )
+    p.add_argument(
+        "--senders-on",
+        type=_indices,
+        metavar="I,J",
+        help="place senders only on these servers (default: all); with --watchers-on on "
+        "others, every fan-out latency measured is from a sender on another node",
+    )
+    p.add_argument(
         "--redis-cpus",
         metavar="LIST",
         help="pin the redis-server of --nodes to these CPUs (taskset -c LIST)",
@@ -171,7 +185,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 p.error(f"--nodes starts wstally serve --redis nodes: it excludes {clash}")
         args.spawn = True
     args.store = args.store or "sqlite"
+    servers = args.nodes or (1 if args.spawn else len(args.url))
+    for option, indices in (("--watchers-on", args.watchers_on), ("--senders-on", args.senders_on)):
+        if indices and max(indices) >= servers:
+            p.error(f"{option}: {max(indices)} is not a server index (0 to {servers - 1})")
     return args
+
+
+def _indices(text: str) -> list[int]:
+    """``0,2``: server indices, for --watchers-on and --senders-on."""
+    try:
+        indices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list like 0,1") from None
+    if any(i < 0 for i in indices):
+        raise argparse.ArgumentTypeError(f"{text!r}: indices start at 0")
+    return indices
 
 
 def _is_loopback(host: str) -> bool:
@@ -351,6 +380,8 @@ class LoadTest:
                 cafile=args.cafile,
                 token=args.token,
                 targets=tuple(self.targets),
+                watch_on=tuple(args.watchers_on or ()),
+                send_on=tuple(args.senders_on or ()),
                 watcher_offset=offset(watchers, i),
                 sender_offset=offset(senders, i),
                 stalled_offset=offset(stalled, i),

@@ -70,6 +70,9 @@ class Plan:
     # Several servers (nodes of one tally): watcher k, sender k and stalled reader k of the
     # whole run go to targets[k % len(targets)]; the offsets are this process's first k.
     targets: tuple[tuple[str, int], ...] = ()  # () means ((host, port),)
+    # ... or round-robin over these indices into targets only (() means all of them).
+    watch_on: tuple[int, ...] = ()
+    send_on: tuple[int, ...] = ()
     watcher_offset: int = 0
     sender_offset: int = 0
     stalled_offset: int = 0
@@ -77,6 +80,12 @@ class Plan:
 
 def _targets(plan: Plan) -> tuple[tuple[str, int], ...]:
     return plan.targets or ((plan.host, plan.port),)
+
+
+def _homes(plan: Plan, on: tuple[int, ...], offset: int, count: int) -> list[int]:
+    """Target index of each of ``count`` connections: round-robin over ``on`` (or all)."""
+    on = on or tuple(range(len(_targets(plan))))
+    return [on[(offset + i) % len(on)] for i in range(count)]
 
 
 @dataclass
@@ -420,9 +429,9 @@ async def _stall(plan: Plan) -> list[FrameClient]:
     """Connections that read their snapshot and then nothing: the slow-consumer probe."""
     stalled: list[FrameClient] = []
     targets = _targets(plan)
-    for i in range(plan.stalled):
+    for u in _homes(plan, plan.watch_on, plan.stalled_offset, plan.stalled):
         holder: list[FrameClient] = []
-        host, port = targets[(plan.stalled_offset + i) % len(targets)]
+        host, port = targets[u]
 
         def stop_reading(_payload: bytes, holder: list[FrameClient] = holder) -> None:
             if holder and holder[0].transport is not None:
@@ -506,8 +515,8 @@ async def _main(plan: Plan, shared: Shared) -> dict[str, Any]:
     samples = [(array("q"), array("d")) for _ in targets]
     positions = Positions()
     # Round-robin across the targets, for watchers and senders alike (the index is the run's).
-    homes = [(plan.watcher_offset + i) % n_targets for i in range(plan.watchers)]
-    sender_homes = [(plan.sender_offset + i) % n_targets for i in range(plan.senders)]
+    homes = _homes(plan, plan.watch_on, plan.watcher_offset, plan.watchers)
+    sender_homes = _homes(plan, plan.send_on, plan.sender_offset, plan.senders)
     # Fan-out latency is sampled on a subset of watchers: they all receive the same frames
     # at about the same time, and matching every delivery to its send time would cost the
     # generator more than the run itself (16 M deliveries/s).
