@@ -481,9 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("client", "watch"):
         return client_commands.run(args)
     if args.command == "logs":
-        from wstally import logview
+        from wstally import logs
 
-        return logview.run(args)
+        return logs.run(args)
     if args.command == "history":
         from wstally import history
 

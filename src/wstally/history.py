@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from wstally.logview import safe
 from wstally.store import ROW_COLUMNS, SQLiteStore, StoreError
 from wstally.tally import in_int64
+from wstally.text import escape_text
 
 if TYPE_CHECKING:
     from wstally.redis_history import Entry, RedisHistory
@@ -42,7 +42,7 @@ def _time(at: Any) -> str:
         with contextlib.suppress(OverflowError, OSError, ValueError):
             moment = datetime.fromtimestamp(at, UTC)
             return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-    return safe(str(at))
+    return escape_text(str(at), limit=None)
 
 
 # Verification
@@ -86,19 +86,19 @@ def verify(rows: Iterable[tuple[Any, ...]], seq: int = 0, total: int = 0) -> Ver
 
 def _check(row: tuple[Any, ...], previous: int, total: int) -> str | None:
     seq, at, conn, _client, _name, _req_id, delta, stored = row
-    where = f"seq {safe(str(seq))}"
+    where = f"seq {escape_text(str(seq), limit=None)}"
     if not _is_int(seq):
-        return f"after seq {previous}: seq {safe(repr(seq))} is not an integer"
+        return f"after seq {previous}: seq {escape_text(repr(seq), limit=None)} is not an integer"
     if seq != previous + 1:
         if previous == 0:
             return f"{where}: the history must start at seq 1"
         return f"{where}: expected seq {previous + 1} after {previous} (a gap or a reorder)"
     if not _is_int(delta) or not in_int64(delta):
-        return f"{where}: delta {safe(repr(delta))} is not a 64-bit integer"
+        return f"{where}: delta {escape_text(repr(delta), limit=None)} is not a 64-bit integer"
     if not _is_int(stored) or not in_int64(stored):
-        return f"{where}: total {safe(repr(stored))} is not a 64-bit integer"
+        return f"{where}: total {escape_text(repr(stored), limit=None)} is not a 64-bit integer"
     if not isinstance(at, int | float) or isinstance(at, bool):
-        return f"{where}: time {safe(repr(at))} is not a number"
+        return f"{where}: time {escape_text(repr(at), limit=None)} is not a number"
     if not isinstance(conn, str) or not conn:
         return f"{where}: no connection id"
     expected = total + delta
@@ -147,7 +147,9 @@ def _meta_problem(meta: Mapping[str, str], entries: Sequence[Entry]) -> str | No
     for field in ("seq", "total"):
         value = meta.get(field)
         if value is None or not re.fullmatch(r"-?[0-9]+", value):
-            return f"the meta hash's {field} {safe(repr(value))} is not an integer"
+            return (
+                f"the meta hash's {field} {escape_text(repr(value), limit=None)} is not an integer"
+            )
     return None
 
 
@@ -185,13 +187,13 @@ def _entry_rows(entries: Iterable[Entry], epoch: str, found: list[str]) -> Itera
         seq = entry.row[_SEQ]
         if entry.epoch != epoch:
             found.append(
-                f"seq {safe(str(seq))}: "
-                f"an entry of epoch {safe(repr(entry.epoch))}, "
-                f"not the meta hash's {safe(epoch)}"
+                f"seq {escape_text(str(seq), limit=None)}: "
+                f"an entry of epoch {escape_text(repr(entry.epoch), limit=None)}, "
+                f"not the meta hash's {escape_text(epoch, limit=None)}"
             )
             return
         if type(seq) is int and entry.id != f"{seq}-0":
-            shown = safe(entry.id)
+            shown = escape_text(entry.id, limit=None)
             found.append(f"seq {seq}: stored under the entry id {shown}, not {seq}-0")
             return
         yield entry.row
@@ -207,7 +209,7 @@ def _as_json(row: tuple[Any, ...]) -> str:
 
 
 def _text(value: Any) -> str:
-    return "-" if value is None else safe(str(value))
+    return "-" if value is None else escape_text(str(value), limit=None)
 
 
 def _as_line(row: tuple[Any, ...]) -> str:
@@ -313,7 +315,7 @@ def _verify_redis(source: RedisHistory, args: argparse.Namespace, out: IO[str]) 
 
 def _report(verdict: Verdict, epoch: str, note: str, out: IO[str]) -> int:
     """One line: OK (exit 0), or FAIL naming the first inconsistency (exit 1)."""
-    tail = f"{'; ' + note if note else ''} (epoch {safe(epoch)})"
+    tail = f"{'; ' + note if note else ''} (epoch {escape_text(epoch, limit=None)})"
     if verdict.problem is not None:
         out.write(
             f"FAIL: {verdict.problem}; {verdict.rows:,} row(s) before it were consistent{tail}\n"

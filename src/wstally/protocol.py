@@ -16,6 +16,7 @@ from typing import Any
 from websockets.typing import Subprotocol
 
 from wstally.tally import Update, in_int64
+from wstally.text import escape_text  # re-exported: the protocol's callers quote peers too
 
 __all__ = [
     "ERROR_CODES",
@@ -111,13 +112,6 @@ class Hello:
 class Add:
     delta: int
     req_id: str | None = None
-
-
-def escape_text(text: str, limit: int = 40) -> str:
-    """A bounded excerpt with control characters escaped, safe to show on any terminal."""
-    excerpt = text[:limit]
-    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in excerpt)
-    return escaped + ("…" if len(text) > limit else "")
 
 
 def parse_plain(text: str) -> int:

@@ -13,8 +13,9 @@ import threading
 import time
 from typing import Any, TextIO
 
-from wstally.client.session import Acked, Event, Paced, Refused, Session, Snapshot, State, safe
+from wstally.client.session import Acked, Event, Paced, Refused, Session, Snapshot, State
 from wstally.protocol import ProtocolError, parse_plain
+from wstally.text import escape_text
 
 __all__ = ["run_piped"]
 
@@ -59,7 +60,8 @@ class PipedRun:
                 self.last_ack = event
         elif isinstance(event, Refused) and event.delta is not None:
             self.refused += 1
-            _say(f"{event.delta:+d} refused ({safe(event.code)}): {safe(event.message, 200)}")
+            code, message = escape_text(event.code, 64), escape_text(event.message, 200)
+            _say(f"{event.delta:+d} refused ({code}): {message}")
         elif isinstance(event, Paced) and not self.paced:
             self.paced = True  # said once: the pace keeps adapting quietly
             _say("the server limits adds per second: slowing down, resending the refused ones")
@@ -70,7 +72,7 @@ class PipedRun:
 
     def _state(self, event: State) -> None:
         if event.state == "closed" and event.error:
-            _say(safe(event.error, 300))
+            _say(escape_text(event.error, 300))
         if event.state == "connected":
             self.down_since = None
         elif self.down_since is None:
@@ -115,8 +117,8 @@ class PipedRun:
     def _gave_up(self) -> int:
         s = self.session
         _say(
-            f"no connection to {safe(s.url, 200)} for {self.give_up_after:g}s: "
-            f"{safe(s.error or 'unreachable', 300)}; {len(s.outbox)} add(s) unacknowledged"
+            f"no connection to {escape_text(s.url, 200)} for {self.give_up_after:g}s: "
+            f"{escape_text(s.error or 'unreachable', 300)}; {len(s.outbox)} add(s) unacknowledged"
         )
         return 1 if s.connected_once.is_set() else 2
 

@@ -25,9 +25,9 @@ from wstally.client.session import (
     Snapshot,
     State,
     Updates,
-    safe,
 )
 from wstally.protocol import ProtocolError, parse_plain
+from wstally.text import escape_text
 
 __all__ = ["run_interactive"]
 
@@ -64,13 +64,14 @@ class PromptView:
         if isinstance(event, Updates):
             for item in event.items:
                 mine = item.seq in event.own
+                by = escape_text(item.by or "anonymous", 64)
                 self.say(
                     ("class:seq", f"#{item.seq:<6} "),
                     ("class:up" if item.delta >= 0 else "class:down", f"{item.delta:+d}"),
                     ("", " → "),
                     ("class:total", f"{item.total:,}"),
                     ("", "  "),
-                    ("class:you", "you ✓") if mine else ("class:by", safe(item.by or "anonymous")),
+                    ("class:you", "you ✓") if mine else ("class:by", by),
                 )
         elif isinstance(event, Acked):
             note = " (already counted)" if event.duplicate else ""
@@ -93,7 +94,7 @@ class PromptView:
             pass  # shown in the toolbar
 
     def _refused(self, event: Refused) -> None:
-        reason = f"({safe(event.code)}): {safe(event.message, 200)}"
+        reason = f"({escape_text(event.code, 64)}): {escape_text(event.message, 200)}"
         waiting = self.session.outbox.get(event.req_id or "")
         if event.delta is not None:
             self.say(("class:error", f"! {event.delta:+d} refused {reason}"))
@@ -131,16 +132,16 @@ class PromptView:
     def _state(self, event: State) -> None:
         if event.state == "connected":
             self.retry_at = None
-            self.say(("class:ok", f"connected to {safe(self.session.url, 200)}"))
+            self.say(("class:ok", f"connected to {escape_text(self.session.url, 200)}"))
             pending = len(self.session.outbox)
             if pending:
                 self.say(("class:warn", f"resending {pending} unacknowledged add(s)"))
         elif event.state == "closed" and event.error:
-            self.say(("class:error", f"! {safe(event.error, 300)}"))
+            self.say(("class:error", f"! {escape_text(event.error, 300)}"))
         elif event.state == "reconnecting" and event.retry_in is not None:
             self.retry_at = time.monotonic() + event.retry_in
             if event.error != self.last_error:
-                self.say(("class:warn", f"! {safe(event.error or 'disconnected', 200)}"))
+                self.say(("class:warn", f"! {escape_text(event.error or 'disconnected', 200)}"))
             self.last_error = event.error
 
     def toolbar(self) -> FormattedText:

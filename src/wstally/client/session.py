@@ -22,7 +22,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from wstally.client.pacing import Pacer
-from wstally.protocol import SUBPROTOCOL, escape_text
+from wstally.protocol import SUBPROTOCOL
+from wstally.text import escape_text
 
 __all__ = [
     "Acked",
@@ -35,14 +36,7 @@ __all__ = [
     "Snapshot",
     "State",
     "Updates",
-    "safe",
 ]
-
-
-def safe(text: object, limit: int = 64) -> str:
-    """Text from the network, with control characters escaped: no peer can drive our
-    terminal (clear it, move the cursor, retitle it) through a name or a message."""
-    return escape_text(str(text), limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +454,7 @@ def _printable_name(name: str) -> str:
 def _handshake_refusal(exc: InvalidStatus, token: bool) -> tuple[str, bool]:
     """What an HTTP answer to the handshake means, and whether it is final."""
     status = exc.response.status_code
-    body = safe(exc.response.body.decode(errors="replace").strip(), 200)
+    body = escape_text(exc.response.body.decode(errors="replace").strip(), 200)
     detail = f": {body}" if body else ""
     if status == 401 and token:
         return f"the server did not accept the token (HTTP 401{detail})", True

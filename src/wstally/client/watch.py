@@ -16,7 +16,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from wstally.client.session import Event, Item, Session, Snapshot, State, Updates, safe
+from wstally.client.session import Event, Item, Session, Snapshot, State, Updates
+from wstally.text import escape_text
 
 __all__ = ["run_watch"]
 
@@ -40,7 +41,7 @@ class WatchView:
         elif isinstance(event, State) and event.state == "connected":
             self.problem = ""
         elif isinstance(event, State) and event.error:
-            self.problem = safe(event.error, 120)
+            self.problem = escape_text(event.error, 120)
 
     def rate(self, window: float = 5.0) -> float:
         now = time.monotonic()
@@ -61,11 +62,14 @@ class WatchView:
             table.add_column(column, justify="right" if column != "by" else "left")
         for item in reversed(self.recent):
             table.add_row(
-                str(item.seq), f"{item.delta:+d}", f"{item.total:,}", safe(item.by or "anonymous")
+                str(item.seq),
+                f"{item.delta:+d}",
+                f"{item.total:,}",
+                escape_text(item.by or "anonymous", 64),
             )
         parts: list[Text | Table] = [big, stats, table]
         parts += [Text(note, style="yellow") for note in (self.note, self.problem) if note]
-        return Panel(Group(*parts), title=f"wstally · {safe(s.url, 80)}")
+        return Panel(Group(*parts), title=f"wstally · {escape_text(s.url, 80)}")
 
 
 async def run_watch(
@@ -107,7 +111,7 @@ async def run_watch(
     await session.run_beside(show())
     if session.fatal:
         # After the live view is gone, so that the reason stays on the screen.
-        print(f"wstally watch: {safe(session.error, 300)}", file=sys.stderr)
+        print(f"wstally watch: {escape_text(str(session.error), 300)}", file=sys.stderr)
         return 2
     return 0
 
@@ -118,6 +122,7 @@ def _print_line(item: Item, as_json: bool) -> None:
             {"seq": item.seq, "delta": item.delta, "total": item.total, "by": item.by}
         )
     else:
-        line = f"seq={item.seq} delta={item.delta:+d} total={item.total} by={safe(item.by or '-')}"
+        by = escape_text(item.by or "-", 64)
+        line = f"seq={item.seq} delta={item.delta:+d} total={item.total} by={by}"
     sys.stdout.write(line + "\n")
     sys.stdout.flush()

@@ -1,0 +1,194 @@
+"""The ``--summary`` report: a Summary's figures as rich tables, one per question."""
+
+from __future__ import annotations
+
+from typing import IO, Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from wstally.logs.render import short_ts
+from wstally.logs.scan import Counts
+from wstally.logs.summary import Summary
+from wstally.logs.values import LEVELS
+from wstally.text import escape_text
+
+__all__ = ["render", "tables"]
+
+_CLOSE_CODES = {
+    1000: "normal",
+    1001: "going away",
+    1002: "protocol error",
+    1003: "unsupported data",
+    1005: "no status",
+    1006: "abnormal (no close frame)",
+    1007: "invalid data",
+    1008: "policy violation",
+    1009: "message too big",
+    1011: "internal error",
+}
+
+
+def render(summary: Summary, out: IO[str], totals: Counts, width: int | None = None) -> None:
+    """Print every table to ``out`` (``width`` None: the terminal's, or COLUMNS)."""
+    console = Console(file=out, width=width, highlight=False)
+    for table in tables(summary, totals):
+        console.print(table)
+
+
+def tables(summary: Summary, totals: Counts) -> list[Table]:
+    return [
+        _overview(summary, totals),
+        _events(summary),
+        _levels(summary),
+        _clients(summary),
+        _refusals(summary),
+        _close_codes(summary),
+        _commits(summary),
+        _talkers(summary),
+    ]
+
+
+def _cell(value: Any, limit: int = 40) -> Text:
+    # Text, not a str: rich would read "[...]" in a peer's name as markup.
+    return Text("-" if value is None else escape_text(str(value), limit))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _overview(summary: Summary, totals: Counts) -> Table:
+    overview = Table(title="wstally logs --summary", show_header=False, title_justify="left")
+    overview.add_column("what", style="bold")
+    overview.add_column("value")
+    first, last = summary.first, summary.last
+    span = f"{short_ts(first)} → {short_ts(last)}" if first else "-"
+    rows = [
+        ("lines read", f"{totals.lines:,}"),
+        ("events matched", f"{totals.matched:,}"),
+        ("malformed lines", f"{totals.malformed:,}"),
+        ("time span (UTC)", span),
+        ("server starts", f"{summary.starts:,}"),
+        ("lag episodes", f"{summary.lag_episodes:,}"),
+        ("store failures", f"{summary.failures:,}"),
+        ("connections open at the end", f"{len(summary.open_conns):,}"),
+    ]
+    for what, value in rows:
+        overview.add_row(what, value)
+    return overview
+
+
+def _events(summary: Summary) -> Table:
+    events = Table(title="Events", title_justify="left")
+    events.add_column("event")
+    events.add_column("level")
+    events.add_column("count", justify="right")
+    for (name, level), count in sorted(summary.events.items(), key=lambda kv: -kv[1]):
+        events.add_row(_cell(name, 60), _cell(level), f"{count:,}")
+    return events
+
+
+def _levels(summary: Summary) -> Table:
+    levels: dict[str, int] = {}
+    for (_, level), count in summary.events.items():
+        levels[level] = levels.get(level, 0) + count
+    by_level = Table(title="Levels", title_justify="left")
+    by_level.add_column("level")
+    by_level.add_column("count", justify="right")
+    for level, count in sorted(levels.items(), key=lambda kv: -LEVELS.get(kv[0], 0)):
+        by_level.add_row(_cell(level), f"{count:,}")
+    return by_level
+
+
+def _clients(summary: Summary) -> Table:
+    # update.applied (debug) counts every add and its delta; conn.closed only the adds.
+    from_debug = summary.applied_events > 0
+    source = (
+        "adds and Σ delta from update.applied (debug)"
+        if from_debug
+        else "adds from conn.closed applied counts; Σ delta needs --log-level debug"
+    )
+    clients = Table(title="Clients", caption=source, title_justify="left")
+    for column in ("client", "name"):
+        clients.add_column(column)
+    for column in ("connections", "time connected", "adds", "Σ delta", "refused", "lagged"):
+        clients.add_column(column, justify="right")
+    shown = max(summary.top * 4, 20)
+    ranked = sorted(summary.clients.items(), key=lambda kv: (-kv[1].connections, kv[0]))
+    for label, f in ranked[:shown]:
+        adds = f.applied if from_debug else f.adds
+        clients.add_row(
+            _cell(label),
+            _cell(f.name),
+            f"{f.connections:,}",
+            _duration(f.seconds),
+            f"{adds:,}",
+            f"{f.deltas:+,}" if from_debug else "-",
+            f"{f.refused:,}",
+            f"{f.lagged:,}",
+        )
+    if len(ranked) > shown:
+        clients.add_row(Text(f"… {len(ranked) - shown:,} more"))
+    return clients
+
+
+def _refusals(summary: Summary) -> Table:
+    refusals = Table(title="Refusals by code", title_justify="left")
+    refusals.add_column("code")
+    refusals.add_column("count", justify="right")
+    refusals.add_column("example input")
+    for code, (count, example) in sorted(summary.refusals.items(), key=lambda kv: -kv[1][0]):
+        refusals.add_row(_cell(code), f"{count:,}", _cell(example, 50))
+    return refusals
+
+
+def _close_codes(summary: Summary) -> Table:
+    closes = Table(title="Close codes", title_justify="left")
+    closes.add_column("code")
+    closes.add_column("meaning")
+    closes.add_column("count", justify="right")
+    closes.add_column("most common reason")
+    for code, (count, reasons) in sorted(summary.close_codes.items(), key=lambda kv: -kv[1][0]):
+        reason = max(reasons.items(), key=lambda kv: kv[1])[0] if reasons else None
+        meaning = _CLOSE_CODES.get(code) if isinstance(code, int) else None
+        closes.add_row(_cell(code), _cell(meaning), f"{count:,}", _cell(reason, 50))
+    return closes
+
+
+def _commits(summary: Summary) -> Table:
+    commits = Table(title="Slowest commits", title_justify="left")
+    commits.add_column("ms", justify="right")
+    commits.add_column("batch", justify="right")
+    commits.add_column("when (UTC)")
+    commits.add_column("from")
+    for ms, ts, batch, source_event in summary.commits or summary.interval_commits:
+        commits.add_row(f"{ms:,.3f}", _cell(batch), short_ts(ts), _cell(source_event))
+    return commits
+
+
+def _talkers(summary: Summary) -> Table:
+    talkers = Table(title="Top talkers (messages in)", title_justify="left")
+    for column in ("conn", "client", "name", "peer"):
+        talkers.add_column(column)
+    for column in ("messages", "applied", "refused", "bytes in", "seconds"):
+        talkers.add_column(column, justify="right")
+    for messages, conn, label, name, peer, applied, refused, bytes_in, secs in summary.talkers:
+        talkers.add_row(
+            _cell(conn),
+            _cell(label),
+            _cell(name),
+            _cell(peer),
+            f"{messages:,}",
+            _cell(applied),
+            _cell(refused),
+            _cell(bytes_in),
+            _cell(secs),
+        )
+    return talkers
