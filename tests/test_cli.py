@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -155,6 +157,8 @@ def test_logs_go_through_one_json_chain(serve: Any) -> None:
     with connect(server.url) as plain:
         plain.send("oops")
         assert plain.recv(timeout=within(5), decode=True).startswith("error: ")
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"http://127.0.0.1:{server.port}/nope", timeout=within(5))
     assert server.stop() == 0
     for name in (
         "server.started",
@@ -170,8 +174,13 @@ def test_logs_go_through_one_json_chain(serve: Any) -> None:
     assert closed["mode"] == "plain"
     assert closed["refused"] == 1
     assert server.event("update.refused")["code"] == "bad_number"
-    # websockets' own records are rendered by the same chain, level kept.
-    assert any(e.get("logger") == "websockets.server" for e in server.events)
+    # websockets' own records are rendered by the same chain, as events of the catalog.
+    response = next(e for e in server.events if e.get("logger") == "websockets.server")
+    assert (response["event"], response["status"], response["level"]) == (
+        "http.response",
+        404,
+        "info",
+    )
     assert all(line.startswith("{") for line in server.raw)
 
 

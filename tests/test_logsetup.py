@@ -58,11 +58,36 @@ def test_stdlib_records_keep_their_level_and_get_the_context() -> None:
     logging.getLogger("websockets.server").warning("skipped broadcast: %s", "why")
     (event,) = lines(stream)
     assert (event["event"], event["level"], event["logger"]) == (
-        "skipped broadcast: why",
+        "websockets.message",
         "warning",
         "websockets.server",
     )
+    assert event["message"] == "skipped broadcast: why"
     assert event["conn"] == "c1"
+
+
+def test_websockets_records_become_catalog_events_and_repeats_are_dropped() -> None:
+    stream = io.StringIO()
+    logsetup.configure("json", "info", stream=stream)
+    server = logging.getLogger("websockets.server")
+    server.info("server listening on %s", "127.0.0.1:1")  # server.started says it
+    server.info("connection open")  # conn.opened says it
+    server.info("HTTP response sent (%d %s)", 404, "Not Found")
+    server.info("connection rejected (%d %s)", 403, "Forbidden")
+    try:
+        raise ValueError("bad request")
+    except ValueError:
+        server.error("opening handshake failed", exc_info=True)
+    server.info("connection closed")  # conn.closed says it
+    events = lines(stream)
+    assert [e["event"] for e in events] == [
+        "http.response",
+        "http.rejected",
+        "conn.handshake_failed",
+    ]
+    assert (events[0]["status"], events[0]["reason"]) == (404, "Not Found")
+    assert (events[1]["status"], events[1]["reason"]) == (403, "Forbidden")
+    assert events[2]["exception"][0]["exc_type"] == "ValueError"
 
 
 class FakeResponse:
@@ -84,7 +109,7 @@ def test_records_about_a_connection_name_it_even_outside_its_task() -> None:
     adapter = logging.LoggerAdapter(
         logging.getLogger("websockets.server"), {"websocket": weakref.proxy(ws)}
     )
-    adapter.info("connection closed")
+    adapter.info("HTTP response sent (%d %s)", 200, "OK")
     del ws
     gc.collect()
     adapter.info("late line")  # the proxy is dead now: logged without the connection
@@ -94,7 +119,7 @@ def test_records_about_a_connection_name_it_even_outside_its_task() -> None:
         "127.0.0.1:4242",
         "json",
     )
-    assert second["event"] == "late line"
+    assert second["message"] == "late line"
     assert "conn" not in second
 
 

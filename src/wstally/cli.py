@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -452,7 +453,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return _runner(args.loop)(run(config))
     except (StoreError, StartupError) as exc:
-        print(f"wstally serve: error: {exc}", file=sys.stderr)
+        # Logged already as server.failed (on stderr); said again only if errors are not
+        # logged at all (--log-level critical): one message per failure.
+        if not logsetup.enabled_for(logging.ERROR):
+            print(f"wstally serve: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a signal before the handlers were installed
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import re
 import sys
 from typing import Any, TextIO, cast
 
@@ -35,6 +36,59 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 def conn_id(ws: Any) -> str:
     """The short connection id every event about a connection carries as ``conn``."""
     return str(ws.id.hex[:12])
+
+
+# websockets' own records, as events of the catalog (docs/logging.md): its message (a format
+# string) -> our event name and the names of its arguments. The lines that only repeat one of
+# our events (a connection opened or closed, the server started or stopped) are dropped.
+_WEBSOCKETS_EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "HTTP response sent (%d %s)": ("http.response", ("status", "reason")),
+    "connection rejected (%d %s)": ("http.rejected", ("status", "reason")),
+    "opening handshake failed": ("conn.handshake_failed", ()),
+    "connection handler failed": ("conn.handler_failed", ()),
+    "unexpected internal error": ("conn.internal_error", ()),
+    "keepalive ping failed": ("conn.ping_failed", ()),
+    "parser failed": ("conn.parser_failed", ()),
+    "process_request failed": ("http.request_failed", ()),
+    "process_response failed": ("http.response_failed", ()),
+}
+_WEBSOCKETS_REPEATS = frozenset(
+    {
+        "connection open",  # conn.opened
+        "connection closed",  # conn.closed
+        "server listening on %s",  # server.started
+        "server closing",  # server.stopping
+        "server closed",  # server.stopped
+    }
+)
+
+
+_STATUS = re.compile(r"\((\d{3}) ([^)]*)\)$")
+
+
+class _DropRepeats(logging.Filter):
+    # On the handlers: a filter on the "websockets" logger would not see its children's.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("websockets") and record.msg in _WEBSOCKETS_REPEATS)
+
+
+def _websocket_event(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    record = event_dict.get("_record")
+    if record is None or not record.name.startswith("websockets"):
+        return event_dict
+    known = _WEBSOCKETS_EVENTS.get(record.msg)
+    if known is None:
+        # Anything else websockets says keeps one event name, its text as a field.
+        event_dict["message"] = event_dict["event"]
+        event_dict["event"] = "websockets.message"
+        return event_dict
+    text = event_dict["event"]
+    event_dict["event"], names = known
+    # structlog has already merged the record's arguments into its text: read them back.
+    found = _STATUS.search(text) if names else None
+    if found is not None:
+        event_dict["status"], event_dict["reason"] = int(found[1]), found[2]
+    return event_dict
 
 
 def _websocket_context(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
@@ -115,7 +169,7 @@ def _formatter(fmt: str, colors: bool = False) -> logging.Formatter:
         )
         extra = [tracebacks, _order_keys]
     return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*_shared_processors(), _websocket_context],
+        foreign_pre_chain=[*_shared_processors(), _websocket_event, _websocket_context],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *extra,
@@ -153,6 +207,7 @@ def configure(
         root.removeHandler(handler)
         handler.close()
     for handler in handlers:
+        handler.addFilter(_DropRepeats())
         root.addHandler(handler)
     root.setLevel(numeric)
     # websockets logs every frame at DEBUG: far too much even for our own debug level.

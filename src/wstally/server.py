@@ -120,7 +120,7 @@ class ServerConfig:
             from wstally.engine.redis import RedisEngine
 
             return RedisEngine(self.redis, self.redis_prefix, node=self.node)
-        return LocalEngine(self.open_store())
+        return LocalEngine(self.open_store, "memory" if self.memory else "sqlite")
 
 
 class StartupError(Exception):
@@ -189,24 +189,9 @@ class TallyServer:
             tls = _tls_context(cfg)
         except (OSError, ssl.SSLError) as exc:
             await self.engine.close()
-            raise StartupError(f"cannot load the TLS certificate or key: {exc}") from exc
-        try:
-            start = await self.engine.open()
-        except EngineError as exc:
-            await self.engine.close()
-            engine = self.engine
-            raise StartupError(
-                f"cannot open the {engine.name} engine at {engine.description}: {exc.message}"
-            ) from exc
-        except BaseException:
-            await self.engine.close()
-            raise
-        self.hub.reset(start.epoch, start.seq, start.total)
-        self.batcher.start(start.seq, start.total)
-        # The feed runs in an empty context: what it logs is about no connection.
-        self._feed_task = asyncio.get_running_loop().create_task(
-            self._follow(), name="feed", context=contextvars.Context()
-        )
+            raise StartupError(_tls_problem(cfg, exc)) from exc
+        # Listen first (not serving yet), then open the engine: a port already taken must
+        # not leave a database file or a lock behind.
         try:
             self._server = await serve(
                 self._handle,
@@ -229,11 +214,30 @@ class TallyServer:
                 # asyncio's default backlog of 100 drops SYNs when thousands connect at once.
                 backlog=4096,
                 reuse_port=cfg.reuse_port or None,
+                start_serving=False,
             )
         except OSError as exc:
-            await self._close_engine()
+            await self.engine.close()
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {reason}") from exc
+        try:
+            start = await self.engine.open()
+        except BaseException as exc:
+            self._server.close()
+            await self.engine.close()
+            if isinstance(exc, EngineError):
+                engine = self.engine
+                raise StartupError(
+                    f"cannot open the {engine.name} engine at {engine.description}: {exc.message}"
+                ) from exc
+            raise
+        self.hub.reset(start.epoch, start.seq, start.total)
+        self.batcher.start(start.seq, start.total)
+        # The feed runs in an empty context: what it logs is about no connection.
+        self._feed_task = asyncio.get_running_loop().create_task(
+            self._follow(), name="feed", context=contextvars.Context()
+        )
+        await self._server.server.start_serving()
         log.info(
             "server.started",
             url=self.url,
@@ -858,6 +862,15 @@ def _presented(request: Request, token: str) -> bool:
     # Browsers cannot set headers on a WebSocket handshake: accept ?token= too.
     query = parse_qs(urlsplit(request.path).query)
     return any(hmac.compare_digest(v.encode(), expected) for v in query.get("token", []))
+
+
+def _tls_problem(cfg: ServerConfig, exc: Exception) -> str:
+    """Which file, and what is wrong with it: the operator's next step."""
+    name = getattr(exc, "filename", None)
+    files = f"{cfg.certfile}" + (f" / {cfg.keyfile}" if cfg.keyfile else "")
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot load the TLS certificate or key {name or files}: {exc.strerror}"
+    return f"cannot load the TLS certificate or key ({files}): {exc}"
 
 
 def _tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:

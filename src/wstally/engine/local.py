@@ -31,17 +31,20 @@ CHECK_INTERVAL = 0.5
 
 
 class LocalEngine:
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.name = "memory" if not store.blocking else "sqlite"
-        self.description = store.description
+    def __init__(self, store: Store | Callable[[], Store], name: str | None = None) -> None:
+        # A factory opens the store only in open(): a server that cannot listen on its
+        # port must not create (or lock) a database file first.
+        if callable(store):
+            self._open_store: Callable[[], Store] | None = store
+            self.name = name or "sqlite"
+            self.description = self.name
+        else:
+            self._open_store = None
+            self._store = store
+            self.name = name or ("sqlite" if store.blocking else "memory")
+            self.description = store.description
         self.tally = Tally(epoch="")
-        # Reads (history) take turns with the commits on the store's one thread.
-        self._executor = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="wstally-store")
-            if store.blocking
-            else None
-        )
+        self._executor: ThreadPoolExecutor | None = None
         self._feed: asyncio.Queue[FeedEvent] = asyncio.Queue()
         self._watcher: asyncio.Task[None] | None = None
         # Why commits fail (for /healthz), or None: set by a failed commit or check,
@@ -49,7 +52,17 @@ class LocalEngine:
         self.degraded: str | None = None
         self.check_interval = CHECK_INTERVAL
 
+    @property
+    def store(self) -> Store:
+        return self._store
+
     async def open(self) -> Position:
+        if self._open_store is not None:
+            self._store = self._open_store()
+            self.description = self._store.description
+        if self._store.blocking:
+            # Reads (history) take turns with the commits on the store's one thread.
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wstally-store")
         state = await self._run(self.store.load, self.tally.window)
         tally = self.tally = Tally(state.epoch, state.seq, state.total)
         for update in state.recent_ids:
@@ -113,7 +126,8 @@ class LocalEngine:
             self._watcher.cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        self.store.close()
+        if hasattr(self, "_store"):
+            self.store.close()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:

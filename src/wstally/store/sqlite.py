@@ -88,19 +88,44 @@ class SQLiteStore:
             self._release_lock()
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
 
+    @property
+    def lock_path(self) -> Path:
+        return self._real.with_name(self._real.name + ".lock")
+
     def _take_lock(self) -> None:
         # Two servers appending to one file would both claim the same seq numbers. Beside
         # the real file, so that a symlink to it meets the same lock.
-        lock_path = self._real.with_name(self._real.name + ".lock")
-        self._lock = open(lock_path, "ab")  # noqa: SIM115 - held for the store's lifetime
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        lock_path = self.lock_path
+        while True:
+            self._lock = open(lock_path, "ab")  # noqa: SIM115 - held for the store's lifetime
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._release_lock()
+                raise StoreError(
+                    f"database {self.path} is in use by another wstally server"
+                ) from None
+            # The lock file is removed when its holder stops: a lock taken on a file that
+            # was removed meanwhile locks nothing. Held, and still the file at the path?
+            held = os.fstat(self._lock.fileno())
+            try:
+                current = os.stat(lock_path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and (current.st_dev, current.st_ino) == (
+                held.st_dev,
+                held.st_ino,
+            ):
+                return
             self._release_lock()
-            raise StoreError(f"database {self.path} is in use by another wstally server") from None
 
-    def _release_lock(self) -> None:
+    def _release_lock(self, remove: bool = False) -> None:
         if self._lock is not None:
+            if remove:
+                # Removed while still held (see _take_lock): no one can lock the old file
+                # and believe it is the live one.
+                with contextlib.suppress(OSError):
+                    os.unlink(self.lock_path)
             with contextlib.suppress(OSError):
                 self._lock.close()
             self._lock = None
@@ -266,4 +291,5 @@ class SQLiteStore:
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
-        self._release_lock()
+        # A clean stop leaves no lock file behind (it exists while a server runs).
+        self._release_lock(remove=True)
