@@ -107,7 +107,7 @@ Event = Snapshot | Updates | Acked | Refused | Paced | Presence | State
 T = TypeVar("T")
 
 # Refusals that say "not now" rather than "never": keep the add and resend it.
-TRANSIENT = frozenset({"shutting_down", "store_failed", "rate_limited"})
+TRANSIENT = frozenset({"shutting_down", "store_failed", "rate_limited", "unavailable"})
 RETRY_TRANSIENT = 0.5  # seconds before such an add is sent again (rate_limited: the Pacer)
 
 # Handshake refusals that retrying cannot cure (credentials, origin, path), and what they
