@@ -74,6 +74,27 @@ def test_port_in_use_is_a_clear_error(serve: Any, tmp_path: Path) -> None:
     assert first.stop() == 0
 
 
+def test_a_failed_start_leaves_no_database_and_a_stop_no_lock(serve: Any, tmp_path: Path) -> None:
+    first = serve("--port", "0", "--db", "a.db")
+    port = first.port  # started
+    assert (tmp_path / "a.db.lock").exists()  # while it runs
+    result = run_serve(tmp_path, "--db", "x.db", "--port", str(port))
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr
+    assert result.stderr.count("address already in use") == 1  # said once
+    assert not list(tmp_path.glob("x.db*"))
+    assert first.stop() == 0
+    assert not (tmp_path / "a.db.lock").exists()
+    assert (tmp_path / "a.db").exists()
+
+
+def test_a_tls_error_names_the_file(tmp_path: Path) -> None:
+    result = run_serve(tmp_path, "--port", "0", "--memory", "--certfile", "missing.pem")
+    assert result.returncode == 1
+    assert "missing.pem: No such file or directory" in result.stderr
+    assert not list(tmp_path.glob("*.db*"))
+
+
 def run_serve(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``wstally serve`` expected to fail at start: its exit status and messages."""
     return subprocess.run(
