@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pexpect
 import pytest
 
 from helpers import JsonClient, ServerFactory, within
@@ -140,6 +141,34 @@ def test_table_on_a_terminal(db: Path) -> None:
     ]
     # Columns line up: every delta ends where the header's does.
     assert first.index(" +5 ") + 3 == header.index("delta") + 5 == second.index(" -2 ") + 3
+
+
+def test_the_command_labels_its_columns_on_a_terminal_only(db: Path) -> None:
+    term = pexpect.spawn(
+        sys.executable,
+        ["-m", "wstally", "history", "--db", str(db)],
+        env={**os.environ, "TERM": "xterm-256color", "NO_COLOR": "1"},
+        dimensions=(30, 120),
+        timeout=within(10),
+        encoding="utf-8",
+    )
+    try:
+        term.expect(pexpect.EOF)
+    finally:
+        term.close()
+    assert term.exitstatus == 0
+    assert isinstance(term.before, str)
+    header, *rows = term.before.splitlines()
+    assert header.split() == ["seq", "time", "(UTC)", "delta", "total", "client", "name", "conn"]
+    assert [row.split()[0] for row in rows] == ["1", "2", "3", "4", "5"]
+    # Piped: rows only, for cut and awk.
+    piped = subprocess.run(
+        [sys.executable, "-m", "wstally", "history", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=within(20),
+    )
+    assert [line.split("\t")[0] for line in piped.stdout.splitlines()] == ["1", "2", "3", "4", "5"]
 
 
 def test_verify_ok(monkeypatch: pytest.MonkeyPatch, db: Path) -> None:

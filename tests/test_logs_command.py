@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
+import pexpect
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +22,11 @@ from wstally.logs.filters import Filter
 from wstally.logs.render import format_event
 from wstally.logs.scan import Counts
 from wstally.logs.summary import Summary
+
+if TYPE_CHECKING:
+    Term = pexpect.spawn[str]
+else:
+    Term = pexpect.spawn
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +114,57 @@ def test_end_to_end_and_a_reader_that_goes_away(tmp_path: Path, logfile: Path) -
     err = proc.stderr.read().decode()
     proc.stderr.close()
     assert "Traceback" not in err
+
+
+def test_nothing_matched_is_said_on_stderr_with_exit_0(logfile: Path) -> None:
+    for args in (["--event", "nosuch"], ["--json", "--event", "nosuch"]):
+        result = run_cli(*args, str(logfile))
+        assert (result.returncode, result.stdout) == (0, b"")
+        err = result.stderr.decode()
+        assert f"no event matched ({len(LINES) + 5} line(s) read)" in err, err
+        assert "wstally logs --summary FILE counts the events" in err
+    found = run_cli("--event", "conn.hello", str(logfile))
+    assert (found.returncode, b"conn.hello" in found.stdout) == (0, True)
+    assert b"no event matched" not in found.stderr
+
+
+# On a terminal
+
+
+def terminal(*args: str) -> Term:
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "wstally", "logs", *args],
+        env={**os.environ, "TERM": "xterm-256color"},
+        dimensions=(30, 120),
+        timeout=within(10),
+        encoding="utf-8",
+        codec_errors="replace",
+    )
+
+
+def test_no_file_on_a_terminal_is_a_usage_error_not_a_silent_wait() -> None:
+    term = terminal("--event", "conn.*")
+    try:
+        term.expect(r"usage: wstally logs \[FILE \.\.\.\]")
+        term.expect("no FILE, and standard input is a terminal")
+        term.expect(pexpect.EOF)
+    finally:
+        term.close()
+    assert term.exitstatus == 2
+
+
+def test_dash_reads_the_terminal_when_asked() -> None:
+    term = terminal("-")
+    try:
+        term.sendline(LINES[3].rstrip("\n"))
+        # Shown rendered (the time to the millisecond), not only echoed as typed.
+        term.expect(r"10:00:02\.000Z")
+        term.sendeof()
+        term.expect(pexpect.EOF)
+    finally:
+        term.close()
+    assert term.exitstatus == 0
 
 
 # Any input

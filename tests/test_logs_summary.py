@@ -20,7 +20,9 @@ def test_summary_figures() -> None:
     summary = summarized(LINES)
     assert summary.events[("conn.closed", "info")] == 3
     assert summary.events[("update.applied", "debug")] == 2
-    ann, plain, bob = (summary.clients[k] for k in ("c-ann", "(plain) 10.0.0.3", "c-bob"))
+    keys = (("name", "ann"), ("host", "(plain) 10.0.0.3"), ("id", "c-bob"))
+    ann, plain, bob = (summary.clients[k] for k in keys)
+    assert (ann.ids, plain.ids, bob.ids) == ({"c-ann"}, set(), {"c-bob"})
     assert (ann.name, ann.connections, ann.seconds, ann.applied, ann.deltas) == (
         "ann",
         1,
@@ -41,6 +43,25 @@ def test_summary_figures() -> None:
     assert (summary.lag_episodes, summary.failures, summary.starts) == (1, 1, 1)
     assert summary.open_conns == {}
     assert (summary.first, summary.last) == (ts(0), ts(14))
+
+
+def test_a_name_is_one_client_whatever_ids_it_came_with() -> None:
+    # wstally client --name ann makes a new client id at every run: one row, not three.
+    summary = Summary()
+    for n in range(3):
+        ctx = {"conn": f"conn{n}", "client": f"id{n}", "name": "ann"}
+        summary.add({"event": "conn.closed", "level": "info", **ctx, "applied": 1})
+    summary.add({"event": "conn.closed", "level": "info", "conn": "x", "client": "ann"})
+    summary.add({"event": "conn.closed", "level": "info", "name": "(plain) h", "client": "i"})
+    summary.add({"event": "conn.closed", "level": "info", "mode": "plain", "peer": "h:1"})
+    assert set(summary.clients) == {
+        ("name", "ann"),
+        ("id", "ann"),  # a bare client id that happens to read "ann" is someone else
+        ("name", "(plain) h"),
+        ("host", "(plain) h"),
+    }
+    ann = summary.clients["name", "ann"]
+    assert (ann.connections, ann.adds, ann.ids) == (3, 3, {"id0", "id1", "id2"})
 
 
 def test_top_keeps_only_the_largest() -> None:

@@ -34,12 +34,23 @@ class _Sink:
             self.out.write(format_event(event, self.color).encode() + b"\n")
 
 
+USAGE = "usage: wstally logs [FILE ...] [options]   (wstally logs --help for more)"
+
+
 def run(args: argparse.Namespace) -> int:
-    """``wstally logs``: exit 0, or 2 on a bad option or an unreadable file."""
+    """``wstally logs``: exit 0 (also when nothing matched, which it says), or 2 on a bad
+    option or an unreadable file."""
     try:
         flt = Filter.from_args(args)
         if args.summary and args.follow:
             raise LogsError("--summary reads to the end; it cannot --follow")
+        if not args.files and sys.stdin is not None and sys.stdin.isatty():
+            # Waiting for someone to type JSON lines helps nobody: say what it wants.
+            print(USAGE, file=sys.stderr)
+            raise LogsError(
+                "no FILE, and standard input is a terminal: name a log file "
+                "(wstally logs server.log) or pipe one in; '-' reads the terminal"
+            )
     except LogsError as exc:
         print(f"wstally logs: error: {exc}", file=sys.stderr)
         return 2
@@ -51,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         scanner = Scanner(flt, _Sink(args, out).emit)
     status = _scan_and_show(args, scanner, out, summary)
     _report_malformed(scanner.counts)
+    if status == 0 and not scanner.counts.matched:
+        _report_no_match(scanner.counts, hint=summary is None)
     return status
 
 
@@ -90,6 +103,14 @@ def _report_malformed(counts: Counts) -> None:
             f"(first at {counts.first_malformed})",
             file=sys.stderr,
         )
+
+
+def _report_no_match(counts: Counts, hint: bool) -> None:
+    # On stderr, so that stdout stays what matched (nothing) for a pipe; exit status 0:
+    # the log was read, and "none" is an answer, as for a query that returns no rows.
+    read = "no line read" if not counts.lines else f"{counts.lines:,} line(s) read"
+    more = "; wstally logs --summary FILE counts the events a log holds" if hint else ""
+    print(f"wstally logs: no event matched ({read}){more}", file=sys.stderr)
 
 
 def _scan(args: argparse.Namespace, scanner: Scanner, out: IO[bytes]) -> int:

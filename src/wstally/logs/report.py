@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import IO, Any
 
 from rich.console import Console
@@ -10,8 +11,8 @@ from rich.text import Text
 
 from wstally.logs.render import short_ts
 from wstally.logs.scan import Counts
-from wstally.logs.summary import Summary
-from wstally.logs.values import LEVELS
+from wstally.logs.summary import ClientFigures, ClientKey, Summary
+from wstally.logs.values import LEVELS, as_number
 from wstally.text import escape_text
 
 __all__ = ["render", "tables"]
@@ -55,7 +56,23 @@ def _cell(value: Any, limit: int = 40) -> Text:
     return Text("-" if value is None else escape_text(str(value), limit))
 
 
+def _count(value: Any) -> Text:
+    """A number from a log line as every count in these tables is shown: ``1,001``."""
+    if type(value) is int:
+        return Text(f"{value:,}")
+    if type(value) is float and math.isfinite(value):
+        return Text(f"{value:,.3f}".rstrip("0").rstrip("."))
+    return _cell(value)  # whatever an edited log holds, shown as written
+
+
+def _seconds(value: Any) -> Text:
+    number = as_number(value) if type(value) is not str else None
+    return Text(_duration(number)) if number is not None and number >= 0 else _cell(value)
+
+
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"  # most connections of a piped client
     if seconds < 60:
         return f"{seconds:.1f}s"
     whole = int(seconds)
@@ -108,35 +125,51 @@ def _levels(summary: Summary) -> Table:
 
 
 def _clients(summary: Summary) -> Table:
-    # update.applied (debug) counts every add and its delta; conn.closed only the adds.
+    # update.applied (debug) counts every add and its delta; conn.closed only the adds, so
+    # without debug events there is no sum of deltas to show, and no column for it.
     from_debug = summary.applied_events > 0
     source = (
         "adds and Σ delta from update.applied (debug)"
         if from_debug
-        else "adds from conn.closed applied counts; Σ delta needs --log-level debug"
+        else "adds from conn.closed; Σ delta needs a --log-level debug log"
     )
     clients = Table(title="Clients", caption=source, title_justify="left")
-    for column in ("client", "name"):
-        clients.add_column(column)
-    for column in ("connections", "time connected", "adds", "Σ delta", "refused", "lagged"):
+    clients.add_column("name")
+    clients.add_column("client")
+    numbers = ["connections", "time connected", "adds", "Σ delta", "refused", "lagged"]
+    if not from_debug:
+        numbers.remove("Σ delta")
+    for column in numbers:
         clients.add_column(column, justify="right")
     shown = max(summary.top * 4, 20)
-    ranked = sorted(summary.clients.items(), key=lambda kv: (-kv[1].connections, kv[0]))
-    for label, f in ranked[:shown]:
+    ranked = sorted(summary.clients.items(), key=_rank)
+    for key, f in ranked[:shown]:
         adds = f.applied if from_debug else f.adds
-        clients.add_row(
-            _cell(label),
-            _cell(f.name),
-            f"{f.connections:,}",
-            _duration(f.seconds),
-            f"{adds:,}",
-            f"{f.deltas:+,}" if from_debug else "-",
-            f"{f.refused:,}",
-            f"{f.lagged:,}",
-        )
+        cells = [f"{f.connections:,}", _duration(f.seconds), f"{adds:,}"]
+        if from_debug:
+            cells.append(f"{f.deltas:+,}")
+        cells += [f"{f.refused:,}", f"{f.lagged:,}"]
+        clients.add_row(_cell(f.name), _who(key, f), *cells)
     if len(ranked) > shown:
         clients.add_row(Text(f"… {len(ranked) - shown:,} more"))
     return clients
+
+
+def _rank(item: tuple[ClientKey, ClientFigures]) -> tuple[Any, ...]:
+    # Most connections first; then names, then bare client ids, then hosts, alphabetically.
+    (kind, value), figures = item
+    return (-figures.connections, ("name", "id", "host").index(kind), value)
+
+
+def _who(key: ClientKey, figures: ClientFigures) -> Text:
+    """The client column: its hello client id, how many when a name came with several, or
+    how it connected without a hello (``(plain) HOST``)."""
+    kind, value = key
+    if kind == "host":
+        return _cell(value)
+    if len(figures.ids) > 1:
+        return Text(f"{len(figures.ids):,} ids")
+    return _cell(next(iter(figures.ids), value if kind == "id" else None))
 
 
 def _refusals(summary: Summary) -> Table:
@@ -169,7 +202,7 @@ def _commits(summary: Summary) -> Table:
     commits.add_column("when (UTC)")
     commits.add_column("from")
     for ms, ts, batch, source_event in summary.commits or summary.interval_commits:
-        commits.add_row(f"{ms:,.3f}", _cell(batch), short_ts(ts), _cell(source_event))
+        commits.add_row(f"{ms:,.3f}", _count(batch), short_ts(ts), _cell(source_event))
     return commits
 
 
@@ -177,7 +210,7 @@ def _talkers(summary: Summary) -> Table:
     talkers = Table(title="Top talkers (messages in)", title_justify="left")
     for column in ("conn", "client", "name", "peer"):
         talkers.add_column(column)
-    for column in ("messages", "applied", "refused", "bytes in", "seconds"):
+    for column in ("messages", "applied", "refused", "bytes in", "time connected"):
         talkers.add_column(column, justify="right")
     for messages, conn, label, name, peer, applied, refused, bytes_in, secs in summary.talkers:
         talkers.add_row(
@@ -186,9 +219,9 @@ def _talkers(summary: Summary) -> Table:
             _cell(name),
             _cell(peer),
             f"{messages:,}",
-            _cell(applied),
-            _cell(refused),
-            _cell(bytes_in),
-            _cell(secs),
+            _count(applied),
+            _count(refused),
+            _count(bytes_in),
+            _seconds(secs),
         )
     return talkers

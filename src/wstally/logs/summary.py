@@ -7,17 +7,22 @@ Pure aggregation: events in, counts and short ranked lists out. How they are sho
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from wstally.logs.values import as_int, as_key, as_number
 
-__all__ = ["ClientFigures", "Summary"]
+__all__ = ["ClientFigures", "ClientKey", "Summary", "client_key"]
+
+# ("name", hello name), ("id", hello client id) or ("host", "(plain) HOST"): kinds kept
+# apart, so that no name can pass for another client's id or for a host.
+ClientKey = tuple[str, str]
 
 
 @dataclass(slots=True)
 class ClientFigures:
     name: str | None = None
+    ids: set[str] = field(default_factory=set)  # the hello client ids it came with
     connections: int = 0
     seconds: float = 0.0
     adds: int = 0  # from conn.closed
@@ -39,6 +44,21 @@ def _label(event: dict[str, Any]) -> str:
     return f"({kind}) {host}"
 
 
+def client_key(event: dict[str, Any]) -> ClientKey:
+    """The row a connection counts in: its hello name, else its client id, else its host.
+
+    By name first: ``wstally client --name ann`` makes a new client id at every run, and
+    those runs are one person to whoever reads the table.
+    """
+    name = event.get("name")
+    if isinstance(name, str) and name:
+        return ("name", name)
+    client = event.get("client")
+    if isinstance(client, str):
+        return ("id", client)
+    return ("host", _label(event))
+
+
 def _top(items: list[tuple[Any, ...]], item: tuple[Any, ...], keep: int) -> None:
     # A short sorted list beats a heap for the handful of rows a table shows.
     if len(items) < keep or item[0] > items[-1][0]:
@@ -55,7 +75,7 @@ class Summary:
         self.events: dict[tuple[str, str], int] = {}
         self.first: str | None = None
         self.last: str | None = None
-        self.clients: dict[str, ClientFigures] = {}
+        self.clients: dict[ClientKey, ClientFigures] = {}
         self._by_conn: dict[str, ClientFigures] = {}
         self.applied_events = 0
         self.refusals: dict[str, list[Any]] = {}
@@ -105,13 +125,15 @@ class Summary:
             handler(event)
 
     def _client(self, event: dict[str, Any]) -> ClientFigures:
-        label = _label(event)
-        figures = self.clients.get(label)
+        key = client_key(event)
+        figures = self.clients.get(key)
         if figures is None:
-            figures = self.clients[label] = ClientFigures()
-        name = event.get("name")
-        if isinstance(name, str):
-            figures.name = name
+            figures = self.clients[key] = ClientFigures()
+            if key[0] == "name":
+                figures.name = key[1]
+        client = event.get("client")
+        if isinstance(client, str):
+            figures.ids.add(client)
         return figures
 
     def _opened(self, event: dict[str, Any]) -> None:
