@@ -21,7 +21,8 @@ from servers import ServeProcess
 from wstally import protocol
 from wstally.batcher import MAX_BATCH
 from wstally.protocol import SUBPROTOCOL
-from wstally.server import FD_RESERVE, FLOW_HIGH, MAX_RECOVERY
+from wstally.recovery import MAX_RECOVERY
+from wstally.server import FD_RESERVE, FLOW_HIGH
 from wstally.store import MemoryStore
 from wstally.tally import Update
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from wstally import __version__, logsetup
 from wstally.client import commands as client_commands
+from wstally.config import DEFAULTS
 from wstally.options import apply_env, env_argument, integer, number, redis_prefix, redis_url
 
 __all__ = ["main"]
@@ -89,12 +90,12 @@ def _add_serve(commands: Any) -> None:
         description="Keep one shared running total: apply every client's adds in order, "
         "store them durably, acknowledge them and broadcast every update to every client.",
     )
-    env_argument(serve, "--host", env="HOST", default="127.0.0.1", help="address to listen on")
+    env_argument(serve, "--host", env="HOST", default=DEFAULTS.host, help="address to listen on")
     env_argument(
         serve,
         "--port",
         env="PORT",
-        default=8765,
+        default=DEFAULTS.port,
         type=PORT,
         help="port to listen on (0-65535), 0 for any free one",
     )
@@ -104,7 +105,7 @@ def _add_serve(commands: Any) -> None:
         "--db",
         group=where,
         env="DB",
-        default="wstally.db",
+        default=DEFAULTS.db,
         metavar="PATH",
         help="SQLite database file",
     )
@@ -133,7 +134,7 @@ def _add_serve(commands: Any) -> None:
         serve,
         "--redis-prefix",
         env="REDIS_PREFIX",
-        default="wstally",
+        default=DEFAULTS.redis_prefix,
         type=redis_prefix,
         metavar="NAME",
         help="key prefix in Redis, so that several tallies can share one Redis",
@@ -169,7 +170,7 @@ def _add_serve(commands: Any) -> None:
         serve,
         "--buffer-limit",
         env="BUFFER_LIMIT",
-        default=256 * 1024,
+        default=DEFAULTS.buffer_limit,
         type=BYTES,
         metavar="BYTES",
         help="write buffer above which a client is skipped and later resynced",
@@ -178,7 +179,7 @@ def _add_serve(commands: Any) -> None:
         serve,
         "--flush-interval",
         env="FLUSH_INTERVAL",
-        default=2.0,
+        default=DEFAULTS.flush_interval * 1000,  # shown in ms
         type=number(0.0, 1000.0),
         metavar="MS",
         help="least time between two broadcast writes to a client (0-1000); under load, "
@@ -198,7 +199,7 @@ def _add_serve(commands: Any) -> None:
         serve,
         "--stats-interval",
         env="STATS_INTERVAL",
-        default=10.0,
+        default=DEFAULTS.stats_interval,
         type=SECONDS,
         metavar="SECS",
         help="log server.stats every SECS seconds, 0 for never",
@@ -211,11 +212,15 @@ def _add_logs(commands: Any) -> None:
         "logs",
         help="filter, follow and summarize wstally's JSON log lines",
         description="Read JSON log lines (as written by --log-file, or by serve when its "
-        "stderr is not a terminal) from FILEs or stdin; print the matching events, readable "
-        "on a terminal, or pass them through unchanged (--json), or summarize them. "
-        "The event catalog is docs/logging.md.",
+        "stderr is not a terminal) from FILEs or piped stdin; print the matching events, "
+        "readable on a terminal, or pass them through unchanged (--json), or summarize them. "
+        "Nothing matched is said on stderr, with exit status 0.",
+        epilog=LOGS_EVENTS,
+        formatter_class=_KeepLines,
     )
-    logs.add_argument("files", nargs="*", metavar="FILE", help="log files; '-' or none: stdin")
+    logs.add_argument(
+        "files", nargs="*", metavar="FILE", help="log files; '-': stdin (none: piped stdin)"
+    )
     pick = logs.add_argument_group("filters (all must match)")
     pick.add_argument(
         "--event", action="append", metavar="GLOB", help="event name or glob (repeatable: any)"
@@ -253,13 +258,46 @@ def _add_logs(commands: Any) -> None:
     )
 
 
+class _KeepLines(argparse.HelpFormatter):
+    """Wraps a one-paragraph description; keeps text laid out in lines (a table) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+LOGS_EVENTS = """events most worth a filter (--summary FILE counts every event a log holds):
+  conn.closed        one line per connection at its end: duration, code, reason,
+                     messages_in, applied, refused, lagged
+  conn.opened, conn.hello
+                     a connection, then its client id and name (JSON mode)
+  update.refused     a refused message: code, input
+  broadcast.lagging, conn.resynced, conn.evicted
+                     a slow consumer skipped, caught up, closed (4008)
+  server.stats       figures every --stats-interval: updates_per_s, connections...
+  server.started, server.stopped, server.failed
+  store.commit_slow, store.commit_failed, engine.disconnected
+                     the store or Redis in trouble
+  http.response, http.rejected
+                     refused handshakes and plain HTTP answers: status, reason
+  update.applied     every add, with its delta (only with serve --log-level debug)
+
+examples:
+  wstally logs --summary server.log
+  wstally logs --event conn.closed --where 'code!=1000' server.log
+  wstally logs -f --level warning server.log"""
+
+
 def _add_history(commands: Any) -> None:
     history = commands.add_parser(
         "history",
         help="the audit trail: stored updates, and --verify",
         description="Print the updates stored in the SQLite database or kept in Redis "
         "(read-only; works while the server runs), or verify that their seqs and totals form "
-        "an unbroken chain.",
+        "an unbroken chain. On a terminal, a table under a header line; piped, one "
+        "tab-separated line per update without a header: seq, time, delta, total, client, "
+        "name, conn, request id (- for none); --json names every field.",
     )
     where = history.add_mutually_exclusive_group()
     env_argument(
@@ -333,7 +371,7 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
         "--max-connections",
         group=group,
         env="MAX_CONNECTIONS",
-        default=20_000,
+        default=DEFAULTS.max_connections,
         type=COUNT,
         metavar="N",
         help="refuse handshakes beyond N clients with HTTP 503",
@@ -343,7 +381,7 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
         "--frame-limit",
         group=group,
         env="FRAME_LIMIT",
-        default=20_000,
+        default=DEFAULTS.frame_limit,
         type=LIMIT,
         metavar="N",
         help="frames per second per connection, every kind (pings too); past it the "
@@ -354,7 +392,7 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
         "--invalid-limit",
         group=group,
         env="INVALID_LIMIT",
-        default=100,
+        default=DEFAULTS.invalid_limit,
         type=LIMIT,
         metavar="N",
         help="malformed frames per second per connection; past it: closed with 1008; 0 disables",
@@ -364,7 +402,7 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
         "--rate-limit",
         group=group,
         env="RATE_LIMIT",
-        default=10_000.0,
+        default=DEFAULTS.rate_limit,
         type=SECONDS,
         metavar="ADDS",
         help="adds per second per connection (token bucket, a second's worth of burst); 0 disables",
@@ -374,7 +412,7 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
         "--slow-timeout",
         group=group,
         env="SLOW_TIMEOUT",
-        default=5.0,
+        default=DEFAULTS.slow_timeout,
         type=SECONDS,
         metavar="SECS",
         help="close a client whose write buffer stays over --buffer-limit this long (code 4008)",
@@ -384,7 +422,7 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
         "--ping-interval",
         group=group,
         env="PING_INTERVAL",
-        default=20.0,
+        default=DEFAULTS.ping_interval,
         type=SECONDS,
         metavar="SECS",
         help="keepalive ping period, 0 for none",
@@ -394,7 +432,7 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
         "--ping-timeout",
         group=group,
         env="PING_TIMEOUT",
-        default=20.0,
+        default=DEFAULTS.ping_timeout,
         type=SECONDS,
         metavar="SECS",
         help="drop a peer that does not answer a ping within SECS, 0 for never",

@@ -19,12 +19,16 @@ from websockets.server import ServerProtocol
 
 from wstally import logsetup
 
-__all__ = ["FLOOD", "TallyConnection", "connection_class"]
+__all__ = ["FLOOD", "FLOOD_ABORT", "TallyConnection", "connection_class"]
 
 log = logsetup.get_logger("wstally.server")
 
 # Close code for a connection that sends frames faster than its budget (protocol.md).
 FLOOD = CloseCode.POLICY_VIOLATION
+# After the close frame, what a flooder sends is discarded unread (cheap); it gets this long
+# to read the close frame and its reason (on a loaded machine, a second was not always
+# enough), then the connection is cut.
+FLOOD_ABORT = 5.0
 
 
 # Past this many bytes without the end of the request head, websockets' own parser takes
@@ -117,7 +121,7 @@ class TallyConnection(ServerConnection):
         self.protocol.fail(FLOOD, f"too many frames: at most {self.frame_limit} per second")
         self.send_data()
         # The close handshake would wait on a client that is busy flooding: cut it short.
-        self.loop.call_later(1.0, self.transport.abort)
+        self.loop.call_later(FLOOD_ABORT, self.transport.abort)
 
     # Shutdown
 

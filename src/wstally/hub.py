@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from wstally import logsetup, protocol
+from wstally.budgets import TokenBucket, Window
 from wstally.flow import Flow
 from wstally.tally import Update
 
@@ -44,9 +45,8 @@ class Peer:
 
     __slots__ = (
         "addr",
+        "adds",
         "applied",
-        "bucket",
-        "bucket_at",
         "bytes_in",
         "bytes_out",
         "client",
@@ -58,7 +58,6 @@ class Peer:
         "hold",
         "id",
         "invalid",
-        "invalid_at",
         "lag_seq",
         "lag_since",
         "lagged",
@@ -81,9 +80,9 @@ class Peer:
         self.client: str | None = None
         self.name: str | None = None
         self.greeted = False  # a hello or an add was seen: no hello from now on
-        # Token bucket of the add rate limit: tokens left, and when it was last topped up.
-        self.bucket = float("inf")
-        self.bucket_at = 0.0
+        # Budgets (budgets.py), made on first use: the add rate limit, malformed frames.
+        self.adds: TokenBucket | None = None
+        self.invalid: Window | None = None
         # Broadcasts held: a new connection waiting for its hello, or a replay of missed
         # updates in progress.
         self.recovering = False
@@ -101,9 +100,6 @@ class Peer:
         self.applied = 0
         self.duplicates = 0
         self.refused = 0
-        # Malformed frames in the current one-second window (the invalid-frame budget).
-        self.invalid = 0
-        self.invalid_at = 0.0
         self.frames_out = 0
         self.bytes_out = 0
         # While the connection lags: an event the handler waits on before reading more, so
@@ -136,10 +132,10 @@ class Hub:
         epoch: str,
         seq: int,
         total: int,
-        buffer_limit: int = 256 * 1024,
+        buffer_limit: int,
+        flush_interval: float,
+        slow_timeout: float,
         presence_interval: float = 0.1,
-        flush_interval: float = 0.002,
-        slow_timeout: float = 5.0,
         resync_interval: float = 0.02,
         on_resync: Callable[[Peer], None] | None = None,
         flow: Flow | None = None,
@@ -281,13 +277,14 @@ class Hub:
         self.flow.level("broadcast", len(self._pending))
         self._schedule()
 
-    def flush_own(self, peer: Peer, limit: int | None = None) -> None:
+    def flush_own(self, peer: Peer, limit: int | None = None, force: bool = False) -> None:
         """Write ``peer``'s own frames now; past ``limit`` buffered bytes (default: the
-        buffer limit) it falls behind instead, and is resumed or evicted like any other."""
+        buffer limit) it falls behind instead, and is resumed or evicted like any other.
+        ``force`` writes whatever the buffer holds (at shutdown: before the close frame)."""
         self._dirty.pop(peer, None)
-        if peer.outbox and not peer.lagging:
+        if peer.outbox and (force or not peer.lagging):
             own, peer.outbox = peer.outbox, []
-            self._write(peer, own, [], limit=limit)
+            self._write(peer, own, [], force=force, limit=limit)
 
     def _flush_own(self) -> None:
         self._own_handle = None
@@ -430,6 +427,17 @@ class Hub:
         self.frames_flushed += count
 
     # Slow consumers
+
+    async def until_drained(self, peer: Peer) -> None:
+        """Until ``peer`` no longer lags (drained, resynced or evicted), or closes."""
+        # Also return when the connection closes, or its handler would never finish.
+        if peer.drained is None:
+            return
+        drained = asyncio.ensure_future(peer.drained.wait())
+        closed = asyncio.ensure_future(peer.ws.wait_closed())
+        await asyncio.wait([drained, closed], return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+        closed.cancel()
 
     def _fall_behind(self, peer: Peer, own: list[bytes], buffered: int) -> None:
         """Stop writing to ``peer`` until it drains, then resync it from a snapshot.

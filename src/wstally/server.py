@@ -10,29 +10,25 @@ import asyncio
 import contextlib
 import contextvars
 import errno
-import hmac
-import json
 import logging
 import os
 import resource
 import signal
 import ssl
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from http import HTTPStatus
-from urllib.parse import parse_qs, urlsplit
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, NegotiationError
-from websockets.http11 import Request, Response
+from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 from websockets.typing import Origin, Subprotocol
 
-from wstally import __version__, logsetup, metrics, protocol
-from wstally.batcher import MAX_BATCH, Batcher
-from wstally.connection import FLOOD, TallyConnection, connection_class
+from wstally import __version__, logsetup, protocol
+from wstally.batcher import MAX_BATCH, Batcher, CommitWindow
+from wstally.budgets import TokenBucket, Window
+from wstally.config import ServerConfig
+from wstally.connection import FLOOD, FLOOD_ABORT, TallyConnection, connection_class
+from wstally.endpoints import Endpoints, first_header, select_subprotocol
 from wstally.engine.base import (
     Engine,
     EngineError,
@@ -46,10 +42,11 @@ from wstally.flow import Flow
 from wstally.hub import Hub, Mode, Peer
 from wstally.metrics import Tallies
 from wstally.protocol import SUBPROTOCOL, Add, Hello, ProtocolError
+from wstally.recovery import Recovery
 from wstally.stats import StatsLogger
-from wstally.store import MemoryStore, SQLiteStore, Store, StoreError
+from wstally.store import Store, StoreError
 
-__all__ = ["ServerConfig", "TallyServer", "run"]
+__all__ = ["ServerConfig", "StartupError", "TallyServer", "run"]
 
 log = logsetup.get_logger("wstally.server")
 
@@ -58,69 +55,15 @@ log = logsetup.get_logger("wstally.server")
 REFUSALS_LOGGED = 20
 
 
-# A returning client gets at most this many missed updates replayed; further behind, it
-# gets a snapshot. Chunks keep each replayed frame well under the client's frame limits.
-MAX_RECOVERY = 100_000
 # A new JSON connection's snapshot waits this long for its hello (or any first message),
 # so that a returning client's replay can precede every live update. Send hello at once.
 HELLO_WINDOW = 0.05
-RECOVERY_CHUNK = protocol.UPDATES_PER_FRAME
-# Replays read the store and encode on the loop: at most this many at once, so that 600
-# clients asking for 100,000 updates each cannot crowd out the commits (and so the acks).
-MAX_REPLAYS = 2
 # Backlog (updates waiting to be committed, or to be broadcast) above which connections are
 # no longer read, and below which reading resumes: see flow.py.
 FLOW_HIGH = 4 * MAX_BATCH
 FLOW_LOW = MAX_BATCH
-# File descriptors kept free of connections (see _fd_capacity); a refusal for capacity is
-# logged at most once per this many seconds, with the count since.
+# File descriptors kept free of connections (see _fd_capacity).
 FD_RESERVE = 64
-FULL_LOG_INTERVAL = 10.0
-
-
-@dataclass(slots=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8765
-    db: str = "wstally.db"
-    memory: bool = False
-    compression: bool = False
-    buffer_limit: int = 256 * 1024
-    flush_interval: float = 0.002
-    ping_interval: float | None = 20.0
-    ping_timeout: float | None = 20.0
-    open_timeout: float | None = 10.0
-    close_timeout: float | None = 10.0
-    stats_interval: float = 10.0  # seconds between server.stats events; 0: none
-    # Access: a shared secret, browser origins allowed, TLS.
-    token: str | None = None
-    allow_origins: list[str] | None = None
-    certfile: str | None = None
-    keyfile: str | None = None
-    # Limits: connections, adds per second per connection (token bucket), slow consumers.
-    max_connections: int = 20_000
-    rate_limit: float = 10_000.0
-    slow_timeout: float = 5.0
-    # Frames per second per connection, every kind (pings included); past it: close 1008.
-    # Twice the add rate limit, so that a client at the rate limit never gets near it.
-    frame_limit: int = 20_000
-    # Malformed frames per second per connection (each costs an error frame); past it: 1008.
-    invalid_limit: int = 100
-    # Several nodes, one total: the shared Redis engine instead of the local store.
-    redis: str | None = None
-    redis_prefix: str = "wstally"
-    node: str | None = None  # this node's name in Redis and /healthz (default: host:pid)
-    reuse_port: bool = False  # several processes serving one port (SO_REUSEPORT)
-
-    def open_store(self) -> Store:
-        return MemoryStore() if self.memory else SQLiteStore(self.db)
-
-    def open_engine(self) -> Engine:
-        if self.redis is not None:
-            from wstally.engine.redis import RedisEngine
-
-            return RedisEngine(self.redis, self.redis_prefix, node=self.node)
-        return LocalEngine(self.open_store, "memory" if self.memory else "sqlite")
 
 
 class StartupError(Exception):
@@ -136,7 +79,6 @@ class TallyServer:
             engine = LocalEngine(store) if store is not None else config.open_engine()
         self.engine = engine
         self.flow = Flow(high=FLOW_HIGH, low=FLOW_LOW)
-        self._replays = asyncio.Semaphore(MAX_REPLAYS)
         # The hub's position comes from the engine's feed only (set in start()).
         self.hub = Hub(
             epoch="",
@@ -150,15 +92,12 @@ class TallyServer:
         )
         self.tallies = Tallies()
         self.batcher = Batcher(self.engine, self.hub, self.flow, self._refuse, self.tallies)
-        self._metrics = metrics.registry_for(_MetricsView(self))
         self._feed_task: asyncio.Task[None] | None = None
         self.draining = False
         self.stopped = False
         self._tasks: set[asyncio.Future[None]] = set()
         self.started_at = time.time()
         self.capacity = config.max_connections
-        self._full_refused = 0
-        self._full_logged_at = -FULL_LOG_INTERVAL
         self._server: Server | None = None
         # Counters for server.stats (per connection or refusal, never per update).
         self.opened = 0
@@ -167,6 +106,9 @@ class TallyServer:
         self._stats_task: asyncio.Task[None] | None = None
         # Per-update events are debug: decide once whether to build them at all.
         self._debug = logsetup.enabled_for(logging.DEBUG)
+        self.view = _ServerView(self)
+        self.recovery = Recovery(self.hub, self.engine, self.tallies)
+        self.endpoints = Endpoints(self)
 
     # Lifecycle
 
@@ -201,8 +143,8 @@ class TallyServer:
                 # None admits clients that send no Origin (everything but browsers).
                 origins=[*map(Origin, cfg.allow_origins), None] if cfg.allow_origins else None,
                 subprotocols=[Subprotocol(SUBPROTOCOL)],
-                select_subprotocol=_select_subprotocol,
-                process_request=self._process_request,
+                select_subprotocol=select_subprotocol,
+                process_request=self.endpoints.process_request,
                 create_connection=connection_class(cfg.frame_limit),
                 compression="deflate" if cfg.compression else None,
                 max_size=protocol.MAX_FRAME,
@@ -254,7 +196,7 @@ class TallyServer:
             stats_interval=cfg.stats_interval,
         )
         if cfg.stats_interval > 0:
-            stats = StatsLogger(self, cfg.stats_interval)
+            stats = StatsLogger(self.view, cfg.stats_interval)
             # Its own empty context: no connection's fields on server-wide figures.
             self._stats_task = asyncio.get_running_loop().create_task(
                 stats.run(), name="stats", context=contextvars.Context()
@@ -393,115 +335,6 @@ class TallyServer:
         # One more turn: a handler that took the last frame answers it synchronously.
         await asyncio.sleep(0)
 
-    # HTTP
-
-    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        problem = _header_problem(request)
-        if problem is not None:
-            return conn.respond(HTTPStatus.BAD_REQUEST, f"Bad request: {problem}\n")
-        path = request.path.partition("?")[0]
-        if "Upgrade" in request.headers:
-            if path != "/":
-                return conn.respond(
-                    HTTPStatus.NOT_FOUND, "Not found: the WebSocket endpoint is /\n"
-                )
-            return self._admit(conn, request)
-        if path == "/metrics":
-            return self._metrics_response(conn, request)
-        if path == "/healthz":
-            status, body = self._health(request)
-            response = conn.respond(status, json.dumps(body) + "\n")
-            # Headers.__setitem__ appends: remove the text/plain type first.
-            del response.headers["Content-Type"]
-            response.headers["Content-Type"] = "application/json"
-            return response
-        # The live page (/, /app.js, /app.css): static, so it needs no token; its
-        # WebSocket presents the ?token= the page was opened with.
-        from wstally import web
-
-        page = web.respond(conn, request)
-        if page is not None:
-            return page
-        return conn.respond(HTTPStatus.NOT_FOUND, "Not found: try /healthz, or / for WebSocket\n")
-
-    def _health(self, request: Request) -> tuple[HTTPStatus, dict[str, object]]:
-        """503 while the store cannot commit; the details only for holders of the token."""
-        engine = self.engine.status()
-        degraded = engine.get("degraded")
-        body: dict[str, object] = {
-            "status": "degraded" if degraded else "stopping" if self.draining else "ok"
-        }
-        token = self.config.token
-        if token is None or _presented(request, token):
-            if degraded:
-                body["reason"] = degraded
-            position = self.position
-            body.update(
-                # Committed, hence acknowledged: a client that holds an ack finds it here,
-                # even if the broadcast carrying it is still a few milliseconds away.
-                seq=position.seq,
-                total=position.total,
-                clients=self.hub.clients,
-                epoch=position.epoch,
-                engine=engine,
-                # For monitoring (and the load test): clients behind, and closed for it.
-                lagging=len(self.hub.lagging),
-                evicted=self.hub.evicted,
-            )
-        return (HTTPStatus.SERVICE_UNAVAILABLE if degraded else HTTPStatus.OK), body
-
-    def _metrics_response(self, conn: ServerConnection, request: Request) -> Response:
-        token = self.config.token
-        if token is not None and not _presented(request, token):
-            response = conn.respond(
-                HTTPStatus.UNAUTHORIZED,
-                "Unauthorized: /metrics needs the server's token "
-                "('Authorization: Bearer <token>' or ?token=)\n",
-            )
-            response.headers["WWW-Authenticate"] = 'Bearer realm="wstally"'
-            return response
-        response = conn.respond(HTTPStatus.OK, "")
-        response.body = metrics.render(self._metrics)
-        del response.headers["Content-Type"]
-        del response.headers["Content-Length"]
-        response.headers["Content-Type"] = metrics.CONTENT_TYPE
-        response.headers["Content-Length"] = str(len(response.body))
-        return response
-
-    def _admit(self, conn: ServerConnection, request: Request) -> Response | None:
-        """Credentials, then capacity: refused here, a client never reaches the handler."""
-        token = self.config.token
-        if token is not None and not _presented(request, token):
-            # Neither the expected nor the presented token is ever logged.
-            response = conn.respond(
-                HTTPStatus.UNAUTHORIZED,
-                "Unauthorized: present the server's token as 'Authorization: Bearer <token>' "
-                "or as the 'token' query parameter\n",
-            )
-            response.headers["WWW-Authenticate"] = 'Bearer realm="wstally"'
-            return response
-        if self.hub.clients >= self.capacity:
-            self._log_full()
-            return conn.respond(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                f"Service unavailable: {self.capacity} clients connected; try again later\n",
-            )
-        return None
-
-    def _log_full(self) -> None:
-        self._full_refused += 1
-        now = time.monotonic()
-        if now - self._full_logged_at >= FULL_LOG_INTERVAL:
-            log.warning(
-                "server.full",
-                clients=self.hub.clients,
-                capacity=self.capacity,
-                refused=self._full_refused,
-                fd_bound=self.capacity < self.config.max_connections,
-            )
-            self._full_logged_at = now
-            self._full_refused = 0
-
     # WebSocket
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -514,7 +347,7 @@ class TallyServer:
         # connection never stays counted (a leak once locked everyone out with 503s).
         try:
             self.hub.register(peer, hold=HELLO_WINDOW)
-            agent = _first_header(ws.request, "User-Agent")
+            agent = first_header(ws.request, "User-Agent")
             log.info(
                 "conn.opened",
                 clients=self.hub.clients,
@@ -522,12 +355,18 @@ class TallyServer:
             )
             flow = self.flow
             async for message in ws:
-                if self.draining and ws.protocol.state is not State.OPEN:
-                    # Read after our close frame went out (the close handshake needs
-                    # reading): it cannot be answered, and the client knows to resend it.
-                    break
+                if self.draining:
+                    if ws.protocol.state is not State.OPEN:
+                        # Read after our close frame went out (the close handshake needs
+                        # reading): it cannot be answered; the client knows to resend it.
+                        break
+                    # Read while the close is on its way: answered (shutting_down) and
+                    # written at once, so that the answer precedes the close frame.
+                    self._on_message(peer, message)
+                    self.hub.flush_own(peer, force=True)
+                    continue
                 if peer.lagging:
-                    await _until_drained(peer, ws)
+                    await self.hub.until_drained(peer)
                 if flow.blocked:
                     await flow.wait()
                 self._on_message(peer, message)
@@ -608,85 +447,18 @@ class TallyServer:
             structlog.contextvars.bind_contextvars(client=msg.client, name=msg.name)
             log.info("conn.hello", client=msg.client, name=msg.name, since=msg.since)
             if msg.since is not None and msg.epoch is not None:
-                task = asyncio.ensure_future(self._recover(peer, msg.since, msg.epoch))
+                task = asyncio.ensure_future(self.recovery.recover(peer, msg.since, msg.epoch))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-
-    async def _recover(self, peer: Peer, since: int, epoch: str) -> None:
-        """Send a returning client every update it missed, then a snapshot, then live.
-
-        While the history is read (off the event loop), broadcasts to this peer are held
-        back; the rows read cover them, up to the hub's position at the moment live
-        delivery resumes, so the client sees no gap and no duplicate.
-        """
-        hub = self.hub
-        if epoch != hub.epoch:
-            return self._not_recovered(peer, since, "new history: the epoch changed")
-        if since > hub.seq:
-            return self._not_recovered(peer, since, "since is ahead of this server's history")
-        if hub.seq - since > MAX_RECOVERY:
-            return self._not_recovered(peer, since, f"more than {MAX_RECOVERY} updates behind")
-        peer.recovering = True
-        try:
-            await self._replay(peer, since)
-        finally:
-            peer.recovering = False
-
-    async def _replay(self, peer: Peer, since: int) -> None:
-        hub = self.hub
-        ws = peer.ws
-        epoch = hub.epoch
-        replayed = 0
-        cursor = since
-        # A chunk at a time: commits (and so acks) take turns with the reads on the store's
-        # thread, and the loop is never held for more than one chunk's encoding.
-        while cursor < hub.seq:
-            # Reading and encoding are bounded (MAX_REPLAYS at once); waiting for a client
-            # to read is not, so a client that never reads cannot hold up anyone's replay.
-            async with self._replays:
-                try:
-                    batch = await self.engine.history(cursor, min(hub.seq - cursor, RECOVERY_CHUNK))
-                except Exception as exc:
-                    # Whatever failed, the client must not be left waiting for a replay.
-                    log.error("conn.recovery_failed", since=since, error=str(exc))
-                    return self._not_recovered(peer, since, "history unavailable")
-                if hub.epoch != epoch:
-                    return self._not_recovered(peer, since, "new history: the epoch changed")
-                if not batch or batch[0].seq != cursor + 1:
-                    # Whatever was replayed so far is superseded by the snapshot.
-                    return self._not_recovered(peer, since, "those updates are no longer kept")
-                if peer not in hub.peers or ws.protocol.state is not State.OPEN:
-                    return None  # gone meanwhile
-                for frame in protocol.encode_updates_frames(batch):
-                    hub.send(peer, frame)
-                replayed += len(batch)
-                cursor = batch[-1].seq
-                # Replayed bytes count toward the slow-consumer limit like any others; a
-                # replay also waits for its client sooner (at a quarter of the limit), as
-                # it could otherwise fill the buffer of a client that reads nothing.
-                hub.flush_own(peer, limit=hub.resume_below)
-            if peer.lagging:
-                await _until_drained(peer, ws)
-        hub.send(peer, hub.snapshot(peer, recovered=True))
-        self.tallies.replays["recovered"] += 1
-        log.info("conn.recovered", since=since, updates=replayed, seq=hub.seq)
-
-    def _not_recovered(self, peer: Peer, since: int, reason: str) -> None:
-        self.tallies.replays["not_recovered"] += 1
-        # The snapshot is the current position: live updates continue from it.
-        self.hub.send(peer, self.hub.snapshot(peer, recovered=False, reason=reason))
-        peer.recovering = False
-        log.info("conn.not_recovered", since=since, reason=reason, seq=self.hub.seq)
 
     def _add(self, peer: Peer, delta: int, req_id: str | None, raw: str) -> None:
         rate = self.config.rate_limit
         if rate:
             now = time.monotonic()
-            # A second's worth of burst (at least one add); refilled continuously.
-            tokens = min(max(rate, 1.0), peer.bucket + (now - peer.bucket_at) * rate)
-            peer.bucket_at = now
-            if tokens < 1.0:
-                peer.bucket = tokens
+            bucket = peer.adds
+            if bucket is None:
+                bucket = peer.adds = TokenBucket(rate, now)
+            if not bucket.take(rate, now):
                 self._refuse(
                     peer,
                     "rate_limited",
@@ -695,7 +467,6 @@ class TallyServer:
                     raw,
                 )
                 return
-            peer.bucket = tokens - 1.0
         if self.draining:
             self._refuse(
                 peer, "shutting_down", "the server is shutting down; not applied", req_id, raw
@@ -710,20 +481,17 @@ class TallyServer:
         limit = self.config.invalid_limit
         if not limit:
             return
-        peer.invalid += 1
-        if peer.invalid <= limit:
-            return
-        now = time.monotonic()
-        if now - peer.invalid_at >= 1.0:
-            peer.invalid_at = now
-            peer.invalid = 1
+        window = peer.invalid
+        if window is None:
+            window = peer.invalid = Window()
+        if not window.over(limit, time.monotonic):
             return
         ws = peer.ws
         if ws.protocol.state is State.OPEN:
             log.warning("conn.flood", limit=limit, kind="invalid")
             ws.protocol.fail(FLOOD, f"too many invalid frames: at most {limit} per second")
             ws.send_data()
-            asyncio.get_running_loop().call_later(1.0, ws.transport.abort)
+            asyncio.get_running_loop().call_later(FLOOD_ABORT, ws.transport.abort)
 
     def _refuse(self, peer: Peer, code: str, message: str, req_id: str | None, raw: str) -> None:
         peer.refused += 1
@@ -757,8 +525,8 @@ class TallyServer:
         )
 
 
-class _MetricsView:
-    """What /metrics reads of a server: its counters, never its internals' structure."""
+class _ServerView:
+    """What /metrics and server.stats read of a server: figures, not its internals."""
 
     def __init__(self, server: TallyServer) -> None:
         self.server = server
@@ -783,23 +551,38 @@ class _MetricsView:
     def connections(self) -> dict[str, int]:
         return {mode.value: count for mode, count in self.server.hub.by_mode.items()}
 
+    # For server.stats (stats.Source)
+
+    def counters(self) -> dict[str, int]:
+        server = self.server
+        return {
+            "opened": server.opened,
+            "closed": server.closed,
+            "refused": server.refused,
+            "committed": server.batcher.committed,
+            "deliveries": server.hub.deliveries,
+            "lagged": server.hub.skipped,
+        }
+
+    def gauges(self) -> dict[str, int]:
+        server = self.server
+        position = server.position
+        return {
+            "connections": server.hub.clients,
+            "lagging": len(server.hub.lagging),
+            "seq": position.seq,
+            "total": position.total,
+        }
+
+    def take_window(self) -> CommitWindow:
+        return self.server.batcher.take_window()
+
     def engine(self) -> dict[str, str]:
         status = self.server.engine.status()
         return {k: str(status[k]) for k in ("engine", "node") if k in status}
 
     def tallies(self) -> Tallies:
         return self.server.tallies
-
-
-async def _until_drained(peer: Peer, ws: ServerConnection) -> None:
-    # Also return when the connection closes, or the handler would never finish.
-    if peer.drained is None:
-        return
-    drained = asyncio.ensure_future(peer.drained.wait())
-    closed = asyncio.ensure_future(ws.wait_closed())
-    await asyncio.wait([drained, closed], return_when=asyncio.FIRST_COMPLETED)
-    drained.cancel()
-    closed.cancel()
 
 
 def _reopen_logs() -> None:
@@ -825,45 +608,6 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-# Headers the server (or websockets after it) reads as one value: a repeated one is refused
-# with 400 up front, before anything reads it and trips over the ambiguity.
-SINGLE_HEADERS = (
-    "Authorization",
-    "Host",
-    "Origin",
-    "Sec-WebSocket-Key",
-    "Sec-WebSocket-Version",
-    "User-Agent",
-)
-
-
-def _header_problem(request: Request) -> str | None:
-    headers = request.headers
-    for name in SINGLE_HEADERS:
-        if len(headers.get_all(name)) > 1:
-            return f"the {name} header is repeated; send it once"
-    return None
-
-
-def _first_header(request: Request | None, name: str) -> str | None:
-    """A header's value, or None; never raises, whatever the client sent."""
-    if request is None:
-        return None
-    values = request.headers.get_all(name)
-    return values[0] if values else None
-
-
-def _presented(request: Request, token: str) -> bool:
-    expected = token.encode()
-    header = _first_header(request, "Authorization") or ""
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected):
-        return True
-    # Browsers cannot set headers on a WebSocket handshake: accept ?token= too.
-    query = parse_qs(urlsplit(request.path).query)
-    return any(hmac.compare_digest(v.encode(), expected) for v in query.get("token", []))
-
-
 def _tls_problem(cfg: ServerConfig, exc: Exception) -> str:
     """Which file, and what is wrong with it: the operator's next step."""
     name = getattr(exc, "filename", None)
@@ -879,21 +623,6 @@ def _tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cfg.certfile, cfg.keyfile)
     return context
-
-
-def _select_subprotocol(
-    conn: ServerConnection, offered: Sequence[Subprotocol]
-) -> Subprotocol | None:
-    # The default would refuse clients that offer nothing: those are plain-mode clients.
-    if not offered:
-        return None
-    if SUBPROTOCOL in offered:
-        return Subprotocol(SUBPROTOCOL)
-    raise NegotiationError(
-        f"unsupported subprotocol {protocol.escape_text(', '.join(offered))}; "
-        f"this server speaks {SUBPROTOCOL} "
-        "or plain text (offer no subprotocol)"
-    )
 
 
 async def run(config: ServerConfig) -> int:

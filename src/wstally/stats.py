@@ -11,14 +11,12 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from wstally import logsetup
+from wstally.batcher import CommitWindow
 
-if TYPE_CHECKING:
-    from wstally.server import TallyServer
-
-__all__ = ["Counters", "StatsLogger", "rss_kib"]
+__all__ = ["COUNTERS", "Counters", "Source", "StatsLogger", "rss_kib"]
 
 log = logsetup.get_logger("wstally.stats")
 
@@ -37,41 +35,41 @@ def rss_kib() -> int | None:
     return None
 
 
+# The monotonic counters read at the start of each interval (their differences are logged).
+COUNTERS = ("opened", "closed", "refused", "committed", "deliveries", "lagged")
+
+
+class Source(Protocol):
+    """What the stats read of a server: counters, gauges and the commit window."""
+
+    def counters(self) -> dict[str, int]: ...
+
+    def gauges(self) -> dict[str, int]: ...
+
+    def take_window(self) -> CommitWindow: ...
+
+
 @dataclass(slots=True)
 class Counters:
     """Monotonic counters, read at the start of each interval."""
 
     at: float
     cpu: float
-    opened: int
-    closed: int
-    refused: int
-    committed: int
-    deliveries: int
-    lagged: int
+    values: dict[str, int]
 
     @classmethod
-    def read(cls, server: TallyServer) -> Counters:
-        return cls(
-            at=time.monotonic(),
-            cpu=time.process_time(),
-            opened=server.opened,
-            closed=server.closed,
-            refused=server.refused,
-            committed=server.batcher.committed,
-            deliveries=server.hub.deliveries,
-            lagged=server.hub.skipped,
-        )
+    def read(cls, source: Source) -> Counters:
+        return cls(at=time.monotonic(), cpu=time.process_time(), values=source.counters())
 
 
 class StatsLogger:
     """Logs ``server.stats`` every ``interval`` seconds while the server runs."""
 
-    def __init__(self, server: TallyServer, interval: float) -> None:
-        self.server = server
+    def __init__(self, source: Source, interval: float) -> None:
+        self.source = source
         self.interval = interval
-        self._last = Counters.read(server)
-        server.batcher.take_window()
+        self._last = Counters.read(source)
+        source.take_window()
 
     async def run(self) -> None:
         while True:
@@ -79,31 +77,31 @@ class StatsLogger:
             self.log()
 
     def figures(self) -> dict[str, Any]:
-        server = self.server
-        now = Counters.read(server)
+        source = self.source
+        now = Counters.read(source)
         last, self._last = self._last, now
-        window = server.batcher.take_window()
+        window = source.take_window()
+        gauges = source.gauges()
         elapsed = max(now.at - last.at, 1e-9)
-        updates = now.committed - last.committed
-        deliveries = now.deliveries - last.deliveries
+        delta = {k: now.values[k] - last.values[k] for k in COUNTERS}
         return {
             "interval": round(elapsed, 3),
-            "connections": server.hub.clients,
-            "opened": now.opened - last.opened,
-            "closed": now.closed - last.closed,
-            "updates": updates,
-            "updates_per_s": round(updates / elapsed, 1),
-            "deliveries": deliveries,
-            "deliveries_per_s": round(deliveries / elapsed, 1),
-            "refused": now.refused - last.refused,
+            "connections": gauges["connections"],
+            "opened": delta["opened"],
+            "closed": delta["closed"],
+            "updates": delta["committed"],
+            "updates_per_s": round(delta["committed"] / elapsed, 1),
+            "deliveries": delta["deliveries"],
+            "deliveries_per_s": round(delta["deliveries"] / elapsed, 1),
+            "refused": delta["refused"],
             "commits": window.commits,
             "batch_mean": round(window.updates / window.commits, 1) if window.commits else 0.0,
             "batch_max": window.max_batch,
             "commit_max_ms": round(window.max_seconds * 1000, 3),
-            "lagging": len(server.hub.lagging),
-            "lagged": now.lagged - last.lagged,
-            "seq": server.position.seq,
-            "total": server.position.total,
+            "lagging": gauges["lagging"],
+            "lagged": delta["lagged"],
+            "seq": gauges["seq"],
+            "total": gauges["total"],
             "cpu_s": round(now.cpu - last.cpu, 3),
             "rss_kib": rss_kib(),
         }

@@ -1,0 +1,106 @@
+"""Recovery: a returning client gets every update it missed, then a snapshot, then live.
+
+A hello with ``since`` and ``epoch`` asks for it (docs/protocol.md §4.9). The replay reads
+the engine's history a frame's worth at a time, so the loop is never held long, commits
+take turns with the reads, and a client that does not read is paused and, in time, evicted
+like any other slow consumer: 600 clients asking for 100,000 updates each and reading
+nothing once made everyone else's acks take seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from websockets.protocol import State
+
+from wstally import logsetup, protocol
+from wstally.engine.base import Engine
+from wstally.hub import Hub, Peer
+from wstally.metrics import Tallies
+
+__all__ = ["CHUNK", "MAX_RECOVERY", "MAX_REPLAYS", "Recovery"]
+
+log = logsetup.get_logger("wstally.server")
+
+# A returning client gets at most this many missed updates replayed; further behind, it
+# gets a snapshot (the engines keep at least this many).
+MAX_RECOVERY = 100_000
+# Updates read and sent per step: one updates frame's worth.
+CHUNK = protocol.UPDATES_PER_FRAME
+# Replays read the store and encode on the loop: at most this many at once, so that many
+# clients asking for 100,000 updates each cannot crowd out the commits (and so the acks).
+MAX_REPLAYS = 2
+
+
+class Recovery:
+    def __init__(self, hub: Hub, engine: Engine, tallies: Tallies) -> None:
+        self.hub = hub
+        self.engine = engine
+        self.tallies = tallies
+        self._replays = asyncio.Semaphore(MAX_REPLAYS)
+
+    async def recover(self, peer: Peer, since: int, epoch: str) -> None:
+        """Send a returning client every update it missed, then a snapshot, then live.
+
+        While the history is read (off the event loop), broadcasts to this peer are held
+        back; the rows read cover them, up to the hub's position at the moment live
+        delivery resumes, so the client sees no gap and no duplicate.
+        """
+        hub = self.hub
+        if epoch != hub.epoch:
+            return self._not_recovered(peer, since, "new history: the epoch changed")
+        if since > hub.seq:
+            return self._not_recovered(peer, since, "since is ahead of this server's history")
+        if hub.seq - since > MAX_RECOVERY:
+            return self._not_recovered(peer, since, f"more than {MAX_RECOVERY} updates behind")
+        peer.recovering = True
+        try:
+            await self._replay(peer, since)
+        finally:
+            peer.recovering = False
+
+    async def _replay(self, peer: Peer, since: int) -> None:
+        hub = self.hub
+        ws = peer.ws
+        epoch = hub.epoch
+        replayed = 0
+        cursor = since
+        # A chunk at a time: commits (and so acks) take turns with the reads on the store's
+        # thread, and the loop is never held for more than one chunk's encoding.
+        while cursor < hub.seq:
+            # Reading and encoding are bounded (MAX_REPLAYS at once); waiting for a client
+            # to read is not, so a client that never reads cannot hold up anyone's replay.
+            async with self._replays:
+                try:
+                    batch = await self.engine.history(cursor, min(hub.seq - cursor, CHUNK))
+                except Exception as exc:
+                    # Whatever failed, the client must not be left waiting for a replay.
+                    log.error("conn.recovery_failed", since=since, error=str(exc))
+                    return self._not_recovered(peer, since, "history unavailable")
+                if hub.epoch != epoch:
+                    return self._not_recovered(peer, since, "new history: the epoch changed")
+                if not batch or batch[0].seq != cursor + 1:
+                    # Whatever was replayed so far is superseded by the snapshot.
+                    return self._not_recovered(peer, since, "those updates are no longer kept")
+                if peer not in hub.peers or ws.protocol.state is not State.OPEN:
+                    return None  # gone meanwhile
+                for frame in protocol.encode_updates_frames(batch):
+                    hub.send(peer, frame)
+                replayed += len(batch)
+                cursor = batch[-1].seq
+                # Replayed bytes count toward the slow-consumer limit like any others; a
+                # replay also waits for its client sooner (at a quarter of the limit), as
+                # it could otherwise fill the buffer of a client that reads nothing.
+                hub.flush_own(peer, limit=hub.resume_below)
+            if peer.lagging:
+                await hub.until_drained(peer)
+        hub.send(peer, hub.snapshot(peer, recovered=True))
+        self.tallies.replays["recovered"] += 1
+        log.info("conn.recovered", since=since, updates=replayed, seq=hub.seq)
+
+    def _not_recovered(self, peer: Peer, since: int, reason: str) -> None:
+        self.tallies.replays["not_recovered"] += 1
+        # The snapshot is the current position: live updates continue from it.
+        self.hub.send(peer, self.hub.snapshot(peer, recovered=False, reason=reason))
+        peer.recovering = False
+        log.info("conn.not_recovered", since=since, reason=reason, seq=self.hub.seq)
