@@ -161,7 +161,7 @@ def test_the_command_labels_its_columns_on_a_terminal_only(db: Path) -> None:
     header, *rows = term.before.splitlines()
     assert header.split() == ["seq", "time", "(UTC)", "delta", "total", "client", "name", "conn"]
     assert [row.split()[0] for row in rows] == ["1", "2", "3", "4", "5"]
-    # Piped: rows only, for cut and awk.
+    # Piped: rows only, for cut and awk (the columns are named in --help).
     piped = subprocess.run(
         [sys.executable, "-m", "wstally", "history", "--db", str(db)],
         capture_output=True,
@@ -169,6 +169,13 @@ def test_the_command_labels_its_columns_on_a_terminal_only(db: Path) -> None:
         timeout=within(20),
     )
     assert [line.split("\t")[0] for line in piped.stdout.splitlines()] == ["1", "2", "3", "4", "5"]
+    help_text = subprocess.run(
+        [sys.executable, "-m", "wstally", "history", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=within(20),
+    ).stdout
+    assert "seq, time, delta, total, client, name, conn, request id" in " ".join(help_text.split())
 
 
 def test_verify_ok(monkeypatch: pytest.MonkeyPatch, db: Path) -> None:

@@ -128,6 +128,22 @@ def test_nothing_matched_is_said_on_stderr_with_exit_0(logfile: Path) -> None:
     assert b"no event matched" not in found.stderr
 
 
+def test_help_stands_on_its_own() -> None:
+    # An installed package has no docs/: the help names the events worth a filter itself.
+    result = subprocess.run(
+        [sys.executable, "-m", "wstally", "logs", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=within(20),
+        env={**os.environ, "COLUMNS": "100"},
+    )
+    assert result.returncode == 0
+    assert "docs/" not in result.stdout
+    for name in ("conn.closed", "update.refused", "server.stats", "update.applied"):
+        assert f"\n  {name}" in result.stdout, name
+    assert "--summary FILE counts every event a log holds" in result.stdout
+
+
 # On a terminal
 
 
