@@ -468,7 +468,7 @@ async def test_evicted_slow_consumer(make_server: ServerFactory, events: Events)
     await sender.close()
     await events.until(lambda: [e for e in events.named("conn.closed") if e["conn"] == peer.id])
     closed = next(e for e in events.named("conn.closed") if e["conn"] == peer.id)
-    assert closed["lagged"] == 1
+    assert closed["lagged"] >= 1  # (on a loaded machine it may drain and lag again)
 
 
 async def test_every_line_is_json_with_time_level_event_and_connection(

@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import enum
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
-from wstally import logsetup, protocol
+from wstally import fanout, logsetup, protocol
 from wstally.budgets import TokenBucket, Window
+from wstally.fanout import Mode, Phase, Verdict
 from wstally.flow import Flow
 from wstally.tally import Update
+from wstally.writer import write_frames
 
-__all__ = ["Hub", "Mode", "Peer"]
+__all__ = ["Hub", "Lag", "Mode", "Peer", "Phase"]
 
 log = logsetup.get_logger("wstally.hub")
 
@@ -35,9 +37,15 @@ SLOW_CONSUMER = 4008
 MAX_FLUSH = 8 * protocol.UPDATES_PER_FRAME
 
 
-class Mode(enum.Enum):
-    PLAIN = "plain"
-    JSON = "json"
+@dataclass(slots=True)
+class Lag:
+    """One episode of a connection falling behind (made only when it happens)."""
+
+    since: float  # loop time it fell behind
+    seq: int  # the hub's seq then
+    # The handler waits on it before reading more, so that a client that does not read
+    # cannot make us queue unbounded acks for it.
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Peer:
@@ -51,22 +59,19 @@ class Peer:
         "bytes_out",
         "client",
         "clients_seen",
-        "drained",
         "duplicates",
         "frames_out",
         "greeted",
         "hold",
         "id",
         "invalid",
-        "lag_seq",
-        "lag_since",
+        "lag",
         "lagged",
-        "lagging",
         "messages_in",
         "mode",
         "name",
         "outbox",
-        "recovering",
+        "phase",
         "refused",
         "ws",
     )
@@ -83,18 +88,16 @@ class Peer:
         # Budgets (budgets.py), made on first use: the add rate limit, malformed frames.
         self.adds: TokenBucket | None = None
         self.invalid: Window | None = None
-        # Broadcasts held: a new connection waiting for its hello, or a replay of missed
-        # updates in progress.
-        self.recovering = False
+        # Where it stands with the broadcast (fanout.Phase); moved by the hub only. The
+        # timer ends a WAITING phase that no first message ends.
+        self.phase = Phase.LIVE
         self.hold: asyncio.TimerHandle | None = None
         # Frames for this connection alone, written at the next flush.
         self.outbox: list[bytes] = []
         # The client count this peer last heard of, in a snapshot or a presence frame.
         self.clients_seen = 0
-        self.lagging = False
+        self.lag: Lag | None = None  # while it lags: one per episode
         self.lagged = 0  # how many times this connection fell behind
-        self.lag_since = 0.0  # when it last fell behind (loop time)
-        self.lag_seq = 0  # the hub's seq then
         self.messages_in = 0
         self.bytes_in = 0
         self.applied = 0
@@ -102,16 +105,16 @@ class Peer:
         self.refused = 0
         self.frames_out = 0
         self.bytes_out = 0
-        # While the connection lags: an event the handler waits on before reading more, so
-        # a client that does not read cannot make us queue unbounded acks for it. Made only
-        # when needed: an Event (with its deque) would cost every connection ~0.7 KiB.
-        self.drained: asyncio.Event | None = None
+
+    @property
+    def lagging(self) -> bool:
+        return self.lag is not None
 
     def resume(self) -> None:
         """Let the handler read again (the connection drained, closed or was evicted)."""
-        if self.drained is not None:
-            self.drained.set()
-            self.drained = None
+        lag, self.lag = self.lag, None
+        if lag is not None:
+            lag.drained.set()
 
     def context(self) -> dict[str, Any]:
         """The connection's log context, for events logged outside its own task."""
@@ -137,7 +140,7 @@ class Hub:
         slow_timeout: float,
         presence_interval: float = 0.1,
         resync_interval: float = 0.02,
-        on_resync: Callable[[Peer], None] | None = None,
+        on_resync: Callable[[Peer, Lag], None] | None = None,
         flow: Flow | None = None,
     ) -> None:
         self.epoch = epoch
@@ -193,10 +196,8 @@ class Hub:
         self.flow.level("broadcast", 0)
         self.reset(epoch, seq, total)
         for peer in self.peers:
-            self.cancel_hold(peer)
-            peer.recovering = False
             if peer.mode is Mode.JSON:
-                self.send(peer, self.snapshot(peer, recovered=False, reason=reason))
+                self.go_live(peer, recovered=False, reason=reason)
             else:
                 self.send(peer, protocol.encode_plain_total(total))
 
@@ -215,7 +216,7 @@ class Hub:
         self.by_mode[peer.mode] += 1
         if peer.mode is Mode.JSON:
             if hold > 0:
-                peer.recovering = True
+                peer.phase = Phase.WAITING
                 peer.hold = asyncio.get_running_loop().call_later(
                     hold, self.release, peer, context=self._context
                 )
@@ -224,14 +225,24 @@ class Hub:
         self._presence_changed()
 
     def release(self, peer: Peer) -> None:
-        """End a hold: the snapshot at the current position, then live updates."""
+        """End a WAITING phase (first message, or its timer): the snapshot, then live."""
+        if peer.phase is Phase.WAITING and peer in self.peers:
+            self.go_live(peer)
+        else:
+            self.cancel_hold(peer)
+
+    def begin_replay(self, peer: Peer) -> None:
+        """Broadcasts stay held while missed updates are replayed (recovery.py)."""
         self.cancel_hold(peer)
-        if peer.recovering and peer in self.peers:
-            peer.recovering = False
-            self.send(peer, self.snapshot(peer))
+        peer.phase = Phase.REPLAYING
+
+    def go_live(self, peer: Peer, **snapshot: Any) -> None:
+        """The snapshot at the current position (with ``snapshot``'s fields), then live."""
+        self.cancel_hold(peer)
+        peer.phase = Phase.LIVE
+        self.send(peer, self.snapshot(peer, **snapshot))
 
     def cancel_hold(self, peer: Peer) -> None:
-        """End a hold's timer only: the caller answers the peer itself (a replay)."""
         if peer.hold is not None:
             peer.hold.cancel()
             peer.hold = None
@@ -333,52 +344,28 @@ class Hub:
             self._flush_handle.cancel()
             self._flush_handle = None
         started = self._last_flush = asyncio.get_running_loop().time()
-        pending = self._pending
-        if len(pending) <= MAX_FLUSH:
-            updates, self._pending = pending, []
-        else:
-            updates, self._pending = pending[:MAX_FLUSH], pending[MAX_FLUSH:]
-        json_frames: list[bytes] = []
-        plain_frames: list[bytes] = []
+        updates, self._pending = fanout.split(self._pending, MAX_FLUSH)
         if updates:
             last = updates[-1]
             self.seq, self.total = last.seq, last.total
-            json_frames = [f.encode() for f in protocol.encode_updates_frames(updates)]
-            plain_frames = [protocol.encode_plain_total(u.total).encode() for u in updates]
-        presence: bytes | None = None
-        if self._presence_dirty:
-            self._presence_dirty = False
-            presence = protocol.encode_presence(self.clients).encode()
-        if not json_frames and presence is None:
-            targets: Any = self._dirty
-        else:
-            targets = self.peers
+        frames = fanout.broadcast(updates, self.clients, self._presence_dirty)
+        self._presence_dirty = False
+        targets: Any = self._dirty if frames.empty else self.peers
         self._dirty = {}
-        shared_json = [presence, *json_frames] if presence is not None else json_frames
-        # Peers that already know the count (joins and leaves cancelled out, or their
-        # snapshot said so) get the updates without the presence frame.
-        updates_only = json_frames
-        clients = self.clients
         if force:
             for peer in self.lagging:
                 own, peer.outbox = peer.outbox, []
                 if own:
-                    self._write(peer, own, [], force=True)
+                    self._write(peer, own, (), force=True)
         for peer in targets:
-            if peer.lagging:
+            if peer.lag is not None:
                 continue
             own = peer.outbox
             if own:
                 peer.outbox = []
-            if peer.mode is Mode.PLAIN:
-                shared = plain_frames
-            elif peer.recovering:
-                shared = []
-            elif presence is None or peer.clients_seen == clients:
-                shared = updates_only
-            else:
-                peer.clients_seen = clients
-                shared = shared_json
+            shared, peer.clients_seen = fanout.shared_frames(
+                peer.mode, peer.phase, peer.clients_seen, frames
+            )
             if own or shared:
                 self._write(peer, own, shared, force=force)
         if updates:
@@ -392,38 +379,23 @@ class Hub:
         self,
         peer: Peer,
         own: list[bytes],
-        shared: list[bytes],
+        shared: Sequence[bytes],
         force: bool = False,
         limit: int | None = None,
     ) -> None:
         """Write ``own`` (this peer's acks, errors...) then ``shared`` (the broadcast)."""
         ws = peer.ws
-        if ws.protocol.state is not OPEN:
-            return
-        transport = ws.transport
-        buffered = transport.get_write_buffer_size()
-        if not force and buffered > (self.buffer_limit if limit is None else limit):
+        buffered = ws.transport.get_write_buffer_size()
+        if not fanout.may_write(buffered, self.buffer_limit if limit is None else limit, force):
             self._fall_behind(peer, own, buffered)
             return
-        send_text = ws.protocol.send_text
-        for frame in own:
-            send_text(frame)
-        for frame in shared:
-            send_text(frame)
-        data = ws.protocol.data_to_send()
-        # One write (one syscall) for every frame of this tick.
-        chunk = data[0] if len(data) == 1 else b"".join(data)
-        transport.write(chunk)
-        if data and not data[-1]:
-            # An end-of-stream marker, as websockets' own send_data() would honour it.
-            if transport.can_write_eof():
-                transport.write_eof()
-            else:
-                transport.close()
+        written = write_frames(ws, (*own, *shared) if shared else own)
+        if written is None:
+            return
         count = len(own) + len(shared)
         peer.frames_out += count
-        peer.bytes_out += len(chunk)
-        self.bytes_sent += len(chunk)
+        peer.bytes_out += written
+        self.bytes_sent += written
         self.frames_flushed += count
 
     # Slow consumers
@@ -431,9 +403,9 @@ class Hub:
     async def until_drained(self, peer: Peer) -> None:
         """Until ``peer`` no longer lags (drained, resynced or evicted), or closes."""
         # Also return when the connection closes, or its handler would never finish.
-        if peer.drained is None:
+        if peer.lag is None:
             return
-        drained = asyncio.ensure_future(peer.drained.wait())
+        drained = asyncio.ensure_future(peer.lag.drained.wait())
         closed = asyncio.ensure_future(peer.ws.wait_closed())
         await asyncio.wait([drained, closed], return_when=asyncio.FIRST_COMPLETED)
         drained.cancel()
@@ -445,13 +417,9 @@ class Hub:
         Broadcast frames are dropped (the snapshot supersedes them); frames addressed to the
         peer alone (acks, errors) are kept, and stay bounded because its reads are paused.
         """
-        peer.lagging = True
-        peer.lagged += 1
         loop = asyncio.get_running_loop()
-        peer.lag_since = loop.time()
-        peer.lag_seq = self.seq
-        if peer.drained is None:
-            peer.drained = asyncio.Event()
+        peer.lag = Lag(loop.time(), self.seq)
+        peer.lagged += 1
         self.lagging[peer] = None
         self.skipped += 1
         peer.outbox = own + peer.outbox
@@ -472,48 +440,53 @@ class Hub:
 
     def _check_lagging(self) -> None:
         self._resync_handle = None
+        now = asyncio.get_running_loop().time()
         for peer in list(self.lagging):
-            ws = peer.ws
-            if ws.protocol.state is not OPEN:
+            ws, lag = peer.ws, peer.lag
+            if ws.protocol.state is not OPEN or lag is None:
                 del self.lagging[peer]
                 peer.resume()
                 continue
-            if ws.transport.get_write_buffer_size() > self.resume_below:
-                if asyncio.get_running_loop().time() - peer.lag_since > self.slow_timeout:
-                    self._evict(peer)
-                continue
-            del self.lagging[peer]
-            peer.lagging = False
-            # Whatever it missed is summed up by the current position; a peer in the middle
-            # of a replay missed nothing (broadcasts are held for it): its replay goes on.
-            if peer.recovering:
-                pass
-            elif peer.mode is Mode.JSON:
-                peer.outbox.append(self.snapshot(peer).encode())
-            else:
-                peer.outbox.append(protocol.encode_plain_total(self.total).encode())
-            own, peer.outbox = peer.outbox, []
-            self._write(peer, own, [])
-            if not peer.lagging:
-                peer.resume()
-                if self.on_resync is not None:
-                    self.on_resync(peer)
+            verdict = fanout.lag_verdict(
+                ws.transport.get_write_buffer_size(),
+                self.resume_below,
+                now - lag.since,
+                self.slow_timeout,
+            )
+            if verdict is Verdict.EVICT:
+                self._evict(peer)
+            elif verdict is Verdict.RESUME:
+                self._resync(peer, lag)
         if self.lagging and self._resync_handle is None:
-            loop = asyncio.get_running_loop()
-            self._resync_handle = loop.call_later(
+            self._resync_handle = asyncio.get_running_loop().call_later(
                 self.resync_interval, self._check_lagging, context=self._context
             )
+
+    def _resync(self, peer: Peer, lag: Lag) -> None:
+        del self.lagging[peer]
+        peer.lag = None
+        # Whatever it missed is summed up by the current position.
+        frame = fanout.resync_frame(peer.mode, peer.phase, self.snapshot(peer), self.total)
+        if frame is not None:
+            peer.outbox.append(frame)
+        own, peer.outbox = peer.outbox, []
+        self._write(peer, own, ())
+        if peer.lag is None:
+            lag.drained.set()
+            if self.on_resync is not None:
+                self.on_resync(peer, lag)
 
     def _evict(self, peer: Peer) -> None:
         """Close a connection that stayed behind for too long: 4008 "slow consumer"."""
         del self.lagging[peer]
+        lag_since = peer.lag.since if peer.lag is not None else 0.0
         self.evicted += 1
         ws = peer.ws
         log.warning(
             "conn.evicted",
             **peer.context(),
             buffered=ws.transport.get_write_buffer_size(),
-            lagging_for=round(asyncio.get_running_loop().time() - peer.lag_since, 3),
+            lagging_for=round(asyncio.get_running_loop().time() - lag_since, 3),
             code=SLOW_CONSUMER,
         )
         # The close frame queues behind everything it did not read; it is not waited for.

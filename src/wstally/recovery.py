@@ -15,7 +15,7 @@ from websockets.protocol import State
 
 from wstally import logsetup, protocol
 from wstally.engine.base import Engine
-from wstally.hub import Hub, Peer
+from wstally.hub import Hub, Peer, Phase
 from wstally.metrics import Tallies
 
 __all__ = ["CHUNK", "MAX_RECOVERY", "MAX_REPLAYS", "Recovery"]
@@ -53,11 +53,12 @@ class Recovery:
             return self._not_recovered(peer, since, "since is ahead of this server's history")
         if hub.seq - since > MAX_RECOVERY:
             return self._not_recovered(peer, since, f"more than {MAX_RECOVERY} updates behind")
-        peer.recovering = True
+        hub.begin_replay(peer)
         try:
             await self._replay(peer, since)
         finally:
-            peer.recovering = False
+            if peer.phase is not Phase.LIVE:  # cancelled (shutdown), or the client left
+                hub.go_live(peer, recovered=False, reason="replay interrupted")
 
     async def _replay(self, peer: Peer, since: int) -> None:
         hub = self.hub
@@ -94,13 +95,12 @@ class Recovery:
                 hub.flush_own(peer, limit=hub.resume_below)
             if peer.lagging:
                 await hub.until_drained(peer)
-        hub.send(peer, hub.snapshot(peer, recovered=True))
+        hub.go_live(peer, recovered=True)
         self.tallies.replays["recovered"] += 1
         log.info("conn.recovered", since=since, updates=replayed, seq=hub.seq)
 
     def _not_recovered(self, peer: Peer, since: int, reason: str) -> None:
         self.tallies.replays["not_recovered"] += 1
         # The snapshot is the current position: live updates continue from it.
-        self.hub.send(peer, self.hub.snapshot(peer, recovered=False, reason=reason))
-        peer.recovering = False
+        self.hub.go_live(peer, recovered=False, reason=reason)
         log.info("conn.not_recovered", since=since, reason=reason, seq=self.hub.seq)

@@ -39,7 +39,7 @@ from wstally.engine.base import (
 )
 from wstally.engine.local import LocalEngine
 from wstally.flow import Flow
-from wstally.hub import Hub, Mode, Peer
+from wstally.hub import Hub, Lag, Mode, Peer, Phase
 from wstally.metrics import Tallies
 from wstally.protocol import SUBPROTOCOL, Add, Hello, ProtocolError
 from wstally.recovery import Recovery
@@ -428,9 +428,9 @@ class TallyServer:
             self._invalid(peer)
             self._refuse(peer, exc.code, exc.message, exc.req_id, message)
             return
-        if peer.hold is not None:
-            if isinstance(msg, Hello) and msg.since is not None:
-                self.hub.cancel_hold(peer)  # the replay below answers instead of a snapshot
+        if peer.phase is Phase.WAITING:
+            if isinstance(msg, Hello) and msg.since is not None and not peer.greeted:
+                self.hub.cancel_hold(peer)  # the replay (recovery.py) answers instead
             else:
                 self.hub.release(peer)
         if isinstance(msg, Add):
@@ -512,7 +512,7 @@ class TallyServer:
         else:
             self.hub.send(peer, protocol.encode_plain_error(message))
 
-    def _resynced(self, peer: Peer) -> None:
+    def _resynced(self, peer: Peer, lag: Lag) -> None:
         # Called from the hub's callbacks, outside the connection's task: name it in full.
         hub = self.hub
         log.info(
@@ -520,8 +520,8 @@ class TallyServer:
             **peer.context(),
             seq=hub.seq,
             lagged=peer.lagged,
-            missed=hub.seq - peer.lag_seq,
-            lag_seconds=round(asyncio.get_running_loop().time() - peer.lag_since, 3),
+            missed=hub.seq - lag.seq,
+            lag_seconds=round(asyncio.get_running_loop().time() - lag.since, 3),
         )
 
 

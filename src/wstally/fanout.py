@@ -1,0 +1,114 @@
+"""The broadcast's decisions, free of I/O: which frames go to whom, who lags, who is resumed
+or evicted. The hub applies them to sockets through ``writer``; here everything is plain
+values, so each rule is tested alone (tests/test_fanout.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from wstally import protocol
+from wstally.tally import Update
+
+__all__ = [
+    "Broadcast",
+    "Mode",
+    "Phase",
+    "Verdict",
+    "broadcast",
+    "lag_verdict",
+    "may_write",
+    "resync_frame",
+    "shared_frames",
+    "split",
+]
+
+
+class Mode(enum.Enum):
+    PLAIN = "plain"
+    JSON = "json"
+
+
+class Phase(enum.Enum):
+    """Where a connection stands with the broadcast (only the hub moves it)."""
+
+    # A new JSON connection: its snapshot waits for its first message (a returning client's
+    # hello asks for a replay, which must come before any live update), or a short timer.
+    WAITING = "waiting"
+    # A replay of missed updates is being sent: broadcasts are held (the replay covers them).
+    REPLAYING = "replaying"
+    LIVE = "live"
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """One flush's shared frames, encoded once for every connection."""
+
+    json: Sequence[bytes]  # updates frames (at most UPDATES_PER_FRAME items each)
+    plain: Sequence[bytes]  # one "Server records total=N" per update
+    presence: bytes | None  # the client count, when it changed
+    clients: int
+
+    @property
+    def empty(self) -> bool:
+        return not self.json and self.presence is None
+
+
+def split(pending: list[Update], most: int) -> tuple[list[Update], list[Update]]:
+    """What goes out in this flush (at most ``most``), and what waits for the next."""
+    if len(pending) <= most:
+        return pending, []
+    return pending[:most], pending[most:]
+
+
+def broadcast(updates: Sequence[Update], clients: int, presence_changed: bool) -> Broadcast:
+    json_frames = [f.encode() for f in protocol.encode_updates_frames(updates)]
+    plain = [protocol.encode_plain_total(u.total).encode() for u in updates]
+    presence = protocol.encode_presence(clients).encode() if presence_changed else None
+    return Broadcast(json_frames, plain, presence, clients)
+
+
+def shared_frames(
+    mode: Mode, phase: Phase, clients_seen: int, frames: Broadcast
+) -> tuple[Sequence[bytes], int]:
+    """The shared frames one connection gets, and the client count it then knows."""
+    if mode is Mode.PLAIN:
+        return frames.plain, clients_seen
+    if phase is not Phase.LIVE:
+        return (), clients_seen
+    # Peers that already know the count (joins and leaves cancelled out, or their snapshot
+    # said so) get the updates without the presence frame.
+    if frames.presence is None or clients_seen == frames.clients:
+        return frames.json, clients_seen
+    return (frames.presence, *frames.json), frames.clients
+
+
+def may_write(buffered: int, limit: int, force: bool = False) -> bool:
+    """Write now, or skip a connection whose write buffer is past the limit (it lags)."""
+    return force or buffered <= limit
+
+
+class Verdict(enum.Enum):
+    RESUME = "resume"  # drained: write its own frames and a resync, read it again
+    WAIT = "wait"  # still behind, within the slow-consumer timeout
+    EVICT = "evict"  # behind for too long: close it with 4008
+
+
+def lag_verdict(
+    buffered: int, resume_below: int, lagging_for: float, slow_timeout: float
+) -> Verdict:
+    if buffered <= resume_below:
+        return Verdict.RESUME
+    return Verdict.EVICT if lagging_for > slow_timeout else Verdict.WAIT
+
+
+def resync_frame(mode: Mode, phase: Phase, snapshot: str, total: int) -> bytes | None:
+    """What a connection that drained gets: the current position, which sums up what it
+    missed; nothing in the middle of a replay (broadcasts were held for it, not dropped)."""
+    if phase is Phase.REPLAYING:
+        return None
+    if mode is Mode.JSON:
+        return snapshot.encode()
+    return protocol.encode_plain_total(total).encode()

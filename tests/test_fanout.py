@@ -1,0 +1,74 @@
+"""The broadcast's decisions, tested alone: plain values in, plain values out."""
+
+from __future__ import annotations
+
+import json
+
+from wstally import fanout, protocol
+from wstally.fanout import Mode, Phase, Verdict
+from wstally.tally import Update
+
+
+def updates(first: int, count: int) -> list[Update]:
+    return [Update(n, 1, n, 0.0, "c", name="ann") for n in range(first, first + count)]
+
+
+def test_split_bounds_one_flush() -> None:
+    pending = updates(1, 10)
+    assert fanout.split(pending, 20) == (pending, [])
+    now, later = fanout.split(pending, 4)
+    assert ([u.seq for u in now], [u.seq for u in later]) == ([1, 2, 3, 4], list(range(5, 11)))
+
+
+def test_a_backlog_is_several_bounded_frames_in_order() -> None:
+    count = 2 * protocol.UPDATES_PER_FRAME + 3
+    frames = fanout.broadcast(updates(1, count), clients=3, presence_changed=False)
+    decoded = [json.loads(f) for f in frames.json]
+    assert len(decoded) == 3
+    assert [i["seq"] for f in decoded for i in f["items"]] == list(range(1, count + 1))
+    assert [f["seq"] for f in decoded] == [256, 512, count]
+    assert all(len(f) <= protocol.MAX_SERVER_FRAME for f in frames.json)
+    assert frames.plain[0] == b"Server records total=1"
+    assert frames.presence is None
+    assert not frames.empty
+
+
+def test_presence_only_to_those_who_do_not_know_the_count() -> None:
+    frames = fanout.broadcast(updates(1, 1), clients=5, presence_changed=True)
+    shared, seen = fanout.shared_frames(Mode.JSON, Phase.LIVE, 4, frames)
+    assert (shared[0], seen) == (b'{"type":"presence","clients":5}', 5)
+    assert list(shared[1:]) == list(frames.json)
+    shared, seen = fanout.shared_frames(Mode.JSON, Phase.LIVE, 5, frames)
+    assert (list(shared), seen) == (list(frames.json), 5)
+
+
+def test_held_phases_get_no_broadcast_and_plain_gets_totals() -> None:
+    frames = fanout.broadcast(updates(1, 2), clients=2, presence_changed=True)
+    for phase in (Phase.WAITING, Phase.REPLAYING):
+        assert fanout.shared_frames(Mode.JSON, phase, 1, frames) == ((), 1)
+    shared, _ = fanout.shared_frames(Mode.PLAIN, Phase.LIVE, 0, frames)
+    assert list(shared) == [b"Server records total=1", b"Server records total=2"]
+
+
+def test_nothing_to_share_is_empty() -> None:
+    assert fanout.broadcast([], clients=1, presence_changed=False).empty
+    assert not fanout.broadcast([], clients=1, presence_changed=True).empty
+
+
+def test_a_full_buffer_is_skipped_unless_forced() -> None:
+    assert fanout.may_write(100, 100)
+    assert not fanout.may_write(101, 100)
+    assert fanout.may_write(10**9, 100, force=True)
+
+
+def test_lag_verdicts() -> None:
+    assert fanout.lag_verdict(10, 64, 9.0, 5.0) is Verdict.RESUME  # drained wins
+    assert fanout.lag_verdict(100, 64, 1.0, 5.0) is Verdict.WAIT
+    assert fanout.lag_verdict(100, 64, 5.1, 5.0) is Verdict.EVICT
+
+
+def test_resync_is_the_current_position_except_mid_replay() -> None:
+    snap = protocol.encode_snapshot("e", 7, 70, 2)
+    assert fanout.resync_frame(Mode.JSON, Phase.LIVE, snap, 70) == snap.encode()
+    assert fanout.resync_frame(Mode.PLAIN, Phase.LIVE, snap, 70) == b"Server records total=70"
+    assert fanout.resync_frame(Mode.JSON, Phase.REPLAYING, snap, 70) is None
