@@ -104,3 +104,15 @@ def test_histogram_buckets_are_cumulative() -> None:
         histogram.observe(value)
     assert histogram.buckets() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
     assert histogram.total == pytest.approx(3.65)
+
+
+async def test_no_metrics_serves_none_and_times_nothing(
+    make_server: ServerFactory, clients: list[JsonClient]
+) -> None:
+    server = await make_server(memory=True, metrics=False)
+    client = await JsonClient.connect(server.url, {"client": "n"})
+    clients.append(client)
+    assert (await client.add(1, "a"))["type"] == "ack"
+    status, _, _ = await http_get(server.port, "/metrics")
+    assert status == 404
+    assert server.tallies.ack_seconds.total == 0.0

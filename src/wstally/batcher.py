@@ -130,6 +130,7 @@ class Batcher:
         # One clock read per batch; the arrival time of each add came with it.
         now = time.time()
         observe = self.tallies.ack_seconds.observe
+        timed = self.tallies.enabled
         applied = 0
         first: Update | None = None
         last: Update | None = None
@@ -144,7 +145,8 @@ class Batcher:
                 last = result
                 if result.req_id is not None:
                     send(peer, protocol.encode_ack(result.req_id, result.seq, result.total))
-                    observe(now - submission.at)
+                    if timed:
+                        observe(now - submission.at)
                 if self._debug:
                     log.debug(
                         "update.applied",
@@ -159,7 +161,8 @@ class Batcher:
                 peer.duplicates += 1
                 self.duplicates += 1
                 send(peer, protocol.encode_ack(result.req_id, result.seq, result.total, True))
-                observe(now - submission.at)
+                if timed:
+                    observe(now - submission.at)
                 if self._debug:
                     context = peer.context()
                     log.debug("update.duplicate", **context, id=result.req_id, seq=result.seq)

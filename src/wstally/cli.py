@@ -150,6 +150,15 @@ def _add_serve(commands: Any) -> None:
     )
     env_argument(
         serve,
+        "--no-metrics",
+        env="NO_METRICS",
+        default=False,
+        shown="off",
+        action="store_true",
+        help="do not serve GET /metrics (nor time each ack for it)",
+    )
+    env_argument(
+        serve,
         "--reuse-port",
         env="REUSE_PORT",
         default=False,
@@ -485,6 +494,7 @@ def _serve(args: argparse.Namespace) -> int:
         redis_prefix=args.redis_prefix,
         node=args.node,
         reuse_port=args.reuse_port,
+        metrics=not args.no_metrics,
         frame_limit=args.frame_limit,
         invalid_limit=args.invalid_limit,
     )

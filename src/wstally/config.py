@@ -45,6 +45,7 @@ class ServerConfig:
     redis_prefix: str = "wstally"
     node: str | None = None  # this node's name in Redis and /healthz (default: host:pid)
     reuse_port: bool = False  # several processes serving one port (SO_REUSEPORT)
+    metrics: bool = True  # GET /metrics (off: 404, and no per-add latency histogram)
 
     def open_store(self) -> Store:
         return MemoryStore() if self.memory else SQLiteStore(self.db)

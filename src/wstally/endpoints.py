@@ -73,7 +73,7 @@ class Endpoints:
                     HTTPStatus.NOT_FOUND, "Not found: the WebSocket endpoint is /\n"
                 )
             return self.admit(conn, request)
-        if path == "/metrics":
+        if path == "/metrics" and self.server.config.metrics:
             return self.metrics_response(conn, request)
         if path == "/healthz":
             status, body = self.health(request)

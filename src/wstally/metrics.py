@@ -69,6 +69,7 @@ class Histogram:
 class Tallies:
     """What the server counts for Prometheus alone (the rest it keeps for itself)."""
 
+    enabled: bool = True  # off (--no-metrics): the per-add ack latency is not observed
     refused: dict[str, int] = field(default_factory=dict)
     replays: dict[str, int] = field(default_factory=lambda: {"recovered": 0, "not_recovered": 0})
     ack_seconds: Histogram = field(default_factory=lambda: Histogram(ACK_BUCKETS))

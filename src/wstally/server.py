@@ -90,7 +90,7 @@ class TallyServer:
             on_resync=self._resynced,
             flow=self.flow,
         )
-        self.tallies = Tallies()
+        self.tallies = Tallies(enabled=config.metrics)
         self.batcher = Batcher(self.engine, self.hub, self.flow, self._refuse, self.tallies)
         self._feed_task: asyncio.Task[None] | None = None
         self.draining = False
