@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Sequence
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -22,15 +22,32 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from wstally import logsetup, metrics, protocol, web
+from wstally.config import ServerConfig
+from wstally.engine.base import Engine, Position
+from wstally.hub import Hub
 from wstally.protocol import SUBPROTOCOL
+from wstally.view import ServerView
 
-if TYPE_CHECKING:
-    from wstally.server import TallyServer
+
+class Host(Protocol):
+    """The parts of a server the endpoints read (a TallyServer is one)."""
+
+    config: ServerConfig
+    engine: Engine
+    hub: Hub
+    draining: bool
+    capacity: int
+    view: ServerView
+
+    @property
+    def position(self) -> Position: ...
+
 
 __all__ = [
     "FULL_LOG_INTERVAL",
     "SINGLE_HEADERS",
     "Endpoints",
+    "Host",
     "first_header",
     "presented",
     "select_subprotocol",
@@ -56,7 +73,7 @@ SINGLE_HEADERS = (
 class Endpoints:
     """Answers plain HTTP requests and admits (or refuses) WebSocket handshakes."""
 
-    def __init__(self, server: TallyServer) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
         self.metrics = metrics.registry_for(server.view)
         self._full_refused = 0

@@ -65,7 +65,7 @@ def split(pending: list[Update], most: int) -> tuple[list[Update], list[Update]]
 
 def broadcast(updates: Sequence[Update], clients: int, presence_changed: bool) -> Broadcast:
     json_frames = [f.encode() for f in protocol.encode_updates_frames(updates)]
-    plain = [protocol.encode_plain_total(u.total).encode() for u in updates]
+    plain = [line.encode() for line in protocol.plain_totals(updates)]
     presence = protocol.encode_presence(clients).encode() if presence_changed else None
     return Broadcast(json_frames, plain, presence, clients)
 

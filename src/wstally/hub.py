@@ -1,9 +1,12 @@
 """The connection manager: registry, presence and the per-tick coalesced broadcast.
 
-Everything the server sends goes through here, once per event-loop tick: the frames queued
-for a connection in that tick (acks, errors, a snapshot) and the one ``updates`` frame shared
-by every JSON client are handed to its socket in a single write. A write per small message
-is the cost that bounds a naive server (see the engineering guide): this is where it is saved.
+Everything the server sends goes through here. A connection's own frames (acks, errors, a
+snapshot) leave at the end of the event-loop tick that queued them; the broadcast leaves at
+most once per flush interval (longer under load), as ``updates`` frames encoded once and
+shared by every JSON client, handed to each socket together with its own frames in one
+write. A write per small message is the cost that bounds a naive server (docs/architecture.md
+and docs/benchmarks.md): this is where it is saved. What goes to whom is decided in
+``fanout`` (no I/O); ``writer`` writes.
 """
 
 from __future__ import annotations
@@ -11,16 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from wstally import fanout, logsetup, protocol
-from wstally.budgets import TokenBucket, Window
 from wstally.fanout import Mode, Phase, Verdict
 from wstally.flow import Flow
+from wstally.peer import Lag, Peer
 from wstally.tally import Update
 from wstally.writer import write_frames
 
@@ -35,95 +36,6 @@ SLOW_CONSUMER = 4008
 # past --buffer-limit (8 frames). A longer backlog leaves in the next flush, and meanwhile
 # holds the flow gate shut so that the senders, not our memory, absorb it.
 MAX_FLUSH = 8 * protocol.UPDATES_PER_FRAME
-
-
-@dataclass(slots=True)
-class Lag:
-    """One episode of a connection falling behind (made only when it happens)."""
-
-    since: float  # loop time it fell behind
-    seq: int  # the hub's seq then
-    # The handler waits on it before reading more, so that a client that does not read
-    # cannot make us queue unbounded acks for it.
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class Peer:
-    """One registered connection, as the hub sees it."""
-
-    __slots__ = (
-        "addr",
-        "adds",
-        "applied",
-        "bytes_in",
-        "bytes_out",
-        "client",
-        "clients_seen",
-        "duplicates",
-        "frames_out",
-        "greeted",
-        "hold",
-        "id",
-        "invalid",
-        "lag",
-        "lagged",
-        "messages_in",
-        "mode",
-        "name",
-        "outbox",
-        "phase",
-        "refused",
-        "ws",
-    )
-
-    def __init__(self, ws: ServerConnection, mode: Mode, conn_id: str) -> None:
-        self.ws = ws
-        self.mode = mode
-        self.id = conn_id
-        addr = ws.remote_address
-        self.addr: str | None = f"{addr[0]}:{addr[1]}" if addr else None
-        self.client: str | None = None
-        self.name: str | None = None
-        self.greeted = False  # a hello or an add was seen: no hello from now on
-        # Budgets (budgets.py), made on first use: the add rate limit, malformed frames.
-        self.adds: TokenBucket | None = None
-        self.invalid: Window | None = None
-        # Where it stands with the broadcast (fanout.Phase); moved by the hub only. The
-        # timer ends a WAITING phase that no first message ends.
-        self.phase = Phase.LIVE
-        self.hold: asyncio.TimerHandle | None = None
-        # Frames for this connection alone, written at the next flush.
-        self.outbox: list[bytes] = []
-        # The client count this peer last heard of, in a snapshot or a presence frame.
-        self.clients_seen = 0
-        self.lag: Lag | None = None  # while it lags: one per episode
-        self.lagged = 0  # how many times this connection fell behind
-        self.messages_in = 0
-        self.bytes_in = 0
-        self.applied = 0
-        self.duplicates = 0
-        self.refused = 0
-        self.frames_out = 0
-        self.bytes_out = 0
-
-    @property
-    def lagging(self) -> bool:
-        return self.lag is not None
-
-    def resume(self) -> None:
-        """Let the handler read again (the connection drained, closed or was evicted)."""
-        lag, self.lag = self.lag, None
-        if lag is not None:
-            lag.drained.set()
-
-    def context(self) -> dict[str, Any]:
-        """The connection's log context, for events logged outside its own task."""
-        context: dict[str, Any] = {"conn": self.id, "peer": self.addr, "mode": self.mode.value}
-        if self.client is not None:
-            context["client"] = self.client
-        if self.name is not None:
-            context["name"] = self.name
-        return context
 
 
 class Hub:
@@ -176,7 +88,6 @@ class Hub:
         # another connection's bound fields.
         self._context = contextvars.Context()
         # Counters for stats and tests.
-        self.frames_flushed = 0
         self.bytes_sent = 0
         self.by_mode = dict.fromkeys(Mode, 0)
         self.deliveries = 0
@@ -396,7 +307,6 @@ class Hub:
         peer.frames_out += count
         peer.bytes_out += written
         self.bytes_sent += written
-        self.frames_flushed += count
 
     # Slow consumers
 

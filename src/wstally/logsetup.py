@@ -20,7 +20,6 @@ from structlog.typing import EventDict, FilteringBoundLogger, Processor
 __all__ = [
     "FORMATS",
     "LEVELS",
-    "bind_connection",
     "configure",
     "conn_id",
     "enabled_for",
@@ -260,7 +259,3 @@ def enabled_for(level: int) -> bool:
     """Whether events at ``level`` are logged under the configuration in force."""
     bound = cast(FilteringBoundLogger, structlog.get_logger("wstally").bind())
     return bool(bound.is_enabled_for(level))
-
-
-def bind_connection(**fields: Any) -> None:
-    structlog.contextvars.bind_contextvars(**fields)

@@ -239,7 +239,7 @@ def _json_kind(value: Any) -> str:
     return "an object"
 
 
-# Server -> client. Hand-assembled where it matters: these run once per tick or per ack on
+# Server -> client. Hand-assembled where it matters: these run once per flush or per ack on
 # the hot path, and every value but names and ids is an int we produced ourselves.
 
 

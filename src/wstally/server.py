@@ -24,7 +24,7 @@ from websockets.protocol import State
 from websockets.typing import Origin, Subprotocol
 
 from wstally import __version__, logsetup, protocol
-from wstally.batcher import MAX_BATCH, Batcher, CommitWindow
+from wstally.batcher import MAX_BATCH, Batcher
 from wstally.budgets import TokenBucket, Window
 from wstally.config import ServerConfig
 from wstally.connection import FLOOD, FLOOD_ABORT, TallyConnection, connection_class
@@ -45,6 +45,7 @@ from wstally.protocol import SUBPROTOCOL, Add, Hello, ProtocolError
 from wstally.recovery import Recovery
 from wstally.stats import StatsLogger
 from wstally.store import Store, StoreError
+from wstally.view import ServerView
 
 __all__ = ["ServerConfig", "StartupError", "TallyServer", "run"]
 
@@ -106,7 +107,7 @@ class TallyServer:
         self._stats_task: asyncio.Task[None] | None = None
         # Per-update events are debug: decide once whether to build them at all.
         self._debug = logsetup.enabled_for(logging.DEBUG)
-        self.view = _ServerView(self)
+        self.view = ServerView(self)
         self.recovery = Recovery(self.hub, self.engine, self.tallies)
         self.endpoints = Endpoints(self)
 
@@ -523,66 +524,6 @@ class TallyServer:
             missed=hub.seq - lag.seq,
             lag_seconds=round(asyncio.get_running_loop().time() - lag.since, 3),
         )
-
-
-class _ServerView:
-    """What /metrics and server.stats read of a server: figures, not its internals."""
-
-    def __init__(self, server: TallyServer) -> None:
-        self.server = server
-
-    def figures(self) -> dict[str, float]:
-        server = self.server
-        hub, batcher = server.hub, server.batcher
-        return {
-            "adds_applied": batcher.committed,
-            "adds_duplicate": batcher.duplicates,
-            "deliveries": hub.deliveries,
-            "sent_bytes": hub.bytes_sent,
-            "lagging_connections": len(hub.lagging),
-            "lag_episodes": hub.skipped,
-            "evicted": hub.evicted,
-            "connections_opened": server.opened,
-            "flow_blocked": server.flow.blocks,
-            "seq": server.position.seq,
-            "engine_up": 0 if server.engine.status().get("degraded") else 1,
-        }
-
-    def connections(self) -> dict[str, int]:
-        return {mode.value: count for mode, count in self.server.hub.by_mode.items()}
-
-    # For server.stats (stats.Source)
-
-    def counters(self) -> dict[str, int]:
-        server = self.server
-        return {
-            "opened": server.opened,
-            "closed": server.closed,
-            "refused": server.refused,
-            "committed": server.batcher.committed,
-            "deliveries": server.hub.deliveries,
-            "lagged": server.hub.skipped,
-        }
-
-    def gauges(self) -> dict[str, int]:
-        server = self.server
-        position = server.position
-        return {
-            "connections": server.hub.clients,
-            "lagging": len(server.hub.lagging),
-            "seq": position.seq,
-            "total": position.total,
-        }
-
-    def take_window(self) -> CommitWindow:
-        return self.server.batcher.take_window()
-
-    def engine(self) -> dict[str, str]:
-        status = self.server.engine.status()
-        return {k: str(status[k]) for k in ("engine", "node") if k in status}
-
-    def tallies(self) -> Tallies:
-        return self.server.tallies
 
 
 def _reopen_logs() -> None:

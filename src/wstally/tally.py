@@ -107,6 +107,13 @@ class Tally:
         name: str | None = None,
         req_id: str | None = None,
     ) -> Update | Duplicate | Refused:
+        """Apply one add in memory: the next seq and the new total, or why not.
+
+        A ``req_id`` already seen in its scope (the hello client, else the connection) is a
+        ``Duplicate`` carrying the original seq and total, whatever the delta now; a delta or
+        a total outside int64 is ``Refused`` and changes nothing. The update is not durable
+        yet: ``commit`` marks it so, ``rollback`` forgets it.
+        """
         key = None
         if req_id is not None:
             key = (dedup_scope(client, conn), req_id)
