@@ -172,6 +172,7 @@ async def test_a_json_connection_from_open_to_close(
         "frames_out",
         "bytes_out",
         "applied",
+        "delta_sum",
         "duplicates",
         "refused",
         "lagged",
@@ -180,6 +181,7 @@ async def test_a_json_connection_from_open_to_close(
     assert closed["conn"] == conn
     assert (closed["code"], closed["reason"]) == (4000, "bye \\x1b[2J")  # escaped
     assert (closed["messages_in"], closed["applied"], closed["duplicates"]) == (5, 2, 1)
+    assert closed["delta_sum"] == 7  # a1 and a2; the resend of a1 is a duplicate
     assert (closed["refused"], closed["lagged"], closed["clients"]) == (1, 0, 0)
     assert closed["bytes_in"] == sum(len(json.dumps(f)) for f in _sent_frames())
     assert closed["frames_out"] >= 5  # snapshot, three acks, an error, updates

@@ -140,6 +140,7 @@ class Batcher:
                 assert isinstance(result, Update)
                 applied += 1
                 peer.applied += 1
+                peer.delta_sum += result.delta
                 if first is None:
                     first = result
                 last = result

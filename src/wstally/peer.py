@@ -37,6 +37,7 @@ class Peer:
         "bytes_out",
         "client",
         "clients_seen",
+        "delta_sum",
         "duplicates",
         "frames_out",
         "greeted",
@@ -79,6 +80,7 @@ class Peer:
         self.messages_in = 0
         self.bytes_in = 0
         self.applied = 0
+        self.delta_sum = 0  # of its applied adds, for the conn.closed line
         self.duplicates = 0
         self.refused = 0
         self.frames_out = 0

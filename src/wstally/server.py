@@ -389,6 +389,7 @@ class TallyServer:
                 frames_out=peer.frames_out,
                 bytes_out=peer.bytes_out,
                 applied=peer.applied,
+                delta_sum=peer.delta_sum,
                 duplicates=peer.duplicates,
                 refused=peer.refused,
                 lagged=peer.lagged,

@@ -125,19 +125,22 @@ def _levels(summary: Summary) -> Table:
 
 
 def _clients(summary: Summary) -> Table:
-    # update.applied (debug) counts every add and its delta; conn.closed only the adds, so
-    # without debug events there is no sum of deltas to show, and no column for it.
+    # update.applied (debug) counts every add and its delta; conn.closed counts the adds and,
+    # from wstally 0.2 on, sums their deltas (delta_sum); older logs without debug events
+    # have no sum of deltas to show, and no column for it.
     from_debug = summary.applied_events > 0
-    source = (
-        "adds and Σ delta from update.applied (debug)"
-        if from_debug
-        else "adds from conn.closed; Σ delta needs a --log-level debug log"
-    )
+    from_closed = not from_debug and summary.delta_sums > 0
+    if from_debug:
+        source = "adds and Σ delta from update.applied (debug)"
+    elif from_closed:
+        source = "adds and Σ delta from conn.closed"
+    else:
+        source = "adds from conn.closed; Σ delta needs a --log-level debug log"
     clients = Table(title="Clients", caption=source, title_justify="left")
     clients.add_column("name")
     clients.add_column("client")
     numbers = ["connections", "time connected", "adds", "Σ delta", "refused", "lagged"]
-    if not from_debug:
+    if not (from_debug or from_closed):
         numbers.remove("Σ delta")
     for column in numbers:
         clients.add_column(column, justify="right")
@@ -148,6 +151,8 @@ def _clients(summary: Summary) -> Table:
         cells = [f"{f.connections:,}", _duration(f.seconds), f"{adds:,}"]
         if from_debug:
             cells.append(f"{f.deltas:+,}")
+        elif from_closed:
+            cells.append(f"{f.closed_deltas:+,}")
         cells += [f"{f.refused:,}", f"{f.lagged:,}"]
         clients.add_row(_cell(f.name), _who(key, f), *cells)
     if len(ranked) > shown:

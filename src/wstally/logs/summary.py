@@ -28,6 +28,7 @@ class ClientFigures:
     adds: int = 0  # from conn.closed
     applied: int = 0  # from update.applied (debug)
     deltas: int = 0  # from update.applied (debug)
+    closed_deltas: int = 0  # from conn.closed's delta_sum (wstally 0.2 on)
     refused: int = 0
     lagged: int = 0
     messages: int = 0
@@ -78,6 +79,7 @@ class Summary:
         self.clients: dict[ClientKey, ClientFigures] = {}
         self._by_conn: dict[str, ClientFigures] = {}
         self.applied_events = 0
+        self.delta_sums = 0  # conn.closed events that carried delta_sum
         self.refusals: dict[str, list[Any]] = {}
         self.close_codes: dict[Any, list[Any]] = {}
         # Slowest commits: each one (debug store.committed, or store.commit_slow), or else
@@ -150,6 +152,9 @@ class Summary:
         figures.connections += 1
         figures.seconds += as_number(event.get("duration")) or 0.0
         figures.adds += as_int(event.get("applied"))
+        if isinstance(event.get("delta_sum"), int):
+            self.delta_sums += 1
+            figures.closed_deltas += event["delta_sum"]
         figures.refused += as_int(event.get("refused"))
         figures.lagged += as_int(event.get("lagged"))
         messages = as_int(event.get("messages_in"))
