@@ -116,7 +116,7 @@ async def test_a_crashing_handler_logs_no_locals(
             token = server.config.token  # a local holding the secret, as in the leak
             raise RuntimeError(f"boom while checking {token}")
 
-        server._on_message = crash  # type: ignore[method-assign]
+        server.handler._on_message = crash  # type: ignore[method-assign]
         async with connect(
             server.url,
             subprotocols=[SUBPROTOCOL],

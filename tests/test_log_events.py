@@ -517,7 +517,7 @@ async def test_no_debug_events_at_info(make_server: ServerFactory) -> None:
         await events.wait("conn.closed")
         await server.stop()
     # Per-update events are not even built: the server decided so once, at its start.
-    assert server._debug is False
+    assert server.handler._debug is False
     assert server.batcher._debug is False
     assert [e for e in events.captured if e["log_level"] == "debug"] == []
     assert events.one("conn.closed")["applied"] == 1

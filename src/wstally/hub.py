@@ -52,7 +52,7 @@ class Hub:
         slow_timeout: float,
         presence_interval: float = 0.1,
         resync_interval: float = 0.02,
-        on_resync: Callable[[Peer, Lag], None] | None = None,
+        on_resync: Callable[[Peer, Lag, int], None] | None = None,
         flow: Flow | None = None,
     ) -> None:
         self.epoch = epoch
@@ -384,7 +384,7 @@ class Hub:
         if peer.lag is None:
             lag.drained.set()
             if self.on_resync is not None:
-                self.on_resync(peer, lag)
+                self.on_resync(peer, lag, self.seq)
 
     def _evict(self, peer: Peer) -> None:
         """Close a connection that stayed behind for too long: 4008 "slow consumer"."""

@@ -10,38 +10,33 @@ import asyncio
 import contextlib
 import contextvars
 import errno
-import logging
 import os
 import resource
 import signal
 import ssl
 import time
 
-import structlog
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
+from websockets.asyncio.server import Server, serve
 from websockets.typing import Origin, Subprotocol
 
 from wstally import __version__, logsetup, protocol
 from wstally.batcher import MAX_BATCH, Batcher
-from wstally.budgets import TokenBucket, Window
 from wstally.config import ServerConfig
-from wstally.connection import FLOOD, FLOOD_ABORT, TallyConnection, connection_class
-from wstally.endpoints import Endpoints, first_header, select_subprotocol
+from wstally.connection import TallyConnection, connection_class
+from wstally.endpoints import Endpoints, select_subprotocol
 from wstally.engine.base import (
     Engine,
     EngineError,
     FeedEvent,
     Position,
     Published,
-    Submission,
 )
 from wstally.engine.local import LocalEngine
 from wstally.flow import Flow
-from wstally.hub import Hub, Lag, Mode, Peer, Phase
+from wstally.handler import Handler, resynced
+from wstally.hub import Hub
 from wstally.metrics import Tallies
-from wstally.protocol import SUBPROTOCOL, Add, Hello, ProtocolError
+from wstally.protocol import SUBPROTOCOL
 from wstally.recovery import Recovery
 from wstally.stats import StatsLogger
 from wstally.store import Store, StoreError
@@ -51,14 +46,6 @@ __all__ = ["ServerConfig", "StartupError", "TallyServer", "run"]
 
 log = logsetup.get_logger("wstally.server")
 
-# A client sending garbage in a loop must not flood the log: the first refusals of each
-# connection are logged at info, later ones at debug (conn.closed counts them all).
-REFUSALS_LOGGED = 20
-
-
-# A new JSON connection's snapshot waits this long for its hello (or any first message),
-# so that a returning client's replay can precede every live update. Send hello at once.
-HELLO_WINDOW = 0.05
 # Backlog (updates waiting to be committed, or to be broadcast) above which connections are
 # no longer read, and below which reading resumes: see flow.py.
 FLOW_HIGH = 4 * MAX_BATCH
@@ -88,25 +75,19 @@ class TallyServer:
             buffer_limit=config.buffer_limit,
             flush_interval=config.flush_interval,
             slow_timeout=config.slow_timeout,
-            on_resync=self._resynced,
+            on_resync=resynced,
             flow=self.flow,
         )
         self.tallies = Tallies(enabled=config.metrics)
-        self.batcher = Batcher(self.engine, self.hub, self.flow, self._refuse, self.tallies)
+        self.handler = Handler(self)
+        self.batcher = Batcher(self.engine, self.hub, self.flow, self.handler.refuse, self.tallies)
         self._feed_task: asyncio.Task[None] | None = None
         self.draining = False
         self.stopped = False
-        self._tasks: set[asyncio.Future[None]] = set()
         self.started_at = time.time()
         self.capacity = config.max_connections
         self._server: Server | None = None
-        # Counters for server.stats (per connection or refusal, never per update).
-        self.opened = 0
-        self.closed = 0
-        self.refused = 0
         self._stats_task: asyncio.Task[None] | None = None
-        # Per-update events are debug: decide once whether to build them at all.
-        self._debug = logsetup.enabled_for(logging.DEBUG)
         self.view = ServerView(self)
         self.recovery = Recovery(self.hub, self.engine, self.tallies)
         self.endpoints = Endpoints(self)
@@ -137,7 +118,7 @@ class TallyServer:
         # not leave a database file or a lock behind.
         try:
             self._server = await serve(
-                self._handle,
+                self.handler.handle,
                 cfg.host,
                 cfg.port,
                 ssl=tls,
@@ -234,9 +215,7 @@ class TallyServer:
         await self.batcher.drain()
         await self._until_published()
         # Replays in progress would read from a store about to close.
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.handler.cancel_replays()
         self.hub.flush(force=True)
         for peer in list(self.hub.peers):
             peer.resume()
@@ -335,196 +314,6 @@ class TallyServer:
             await asyncio.sleep(0.001)
         # One more turn: a handler that took the last frame answers it synchronously.
         await asyncio.sleep(0)
-
-    # WebSocket
-
-    async def _handle(self, ws: ServerConnection) -> None:
-        mode = Mode.JSON if ws.subprotocol == SUBPROTOCOL else Mode.PLAIN
-        peer = Peer(ws, mode, logsetup.conn_id(ws))
-        structlog.contextvars.bind_contextvars(**peer.context())
-        opened = time.monotonic()
-        self.opened += 1
-        # Registered and unregistered in one try/finally: whatever fails in between, the
-        # connection never stays counted (a leak once locked everyone out with 503s).
-        try:
-            self.hub.register(peer, hold=HELLO_WINDOW)
-            agent = first_header(ws.request, "User-Agent")
-            log.info(
-                "conn.opened",
-                clients=self.hub.clients,
-                user_agent=None if agent is None else protocol.escape_text(agent, 80),
-            )
-            flow = self.flow
-            async for message in ws:
-                if self.draining:
-                    if ws.protocol.state is not State.OPEN:
-                        # Read after our close frame went out (the close handshake needs
-                        # reading): it cannot be answered; the client knows to resend it.
-                        break
-                    # Read while the close is on its way: answered (shutting_down) and
-                    # written at once, so that the answer precedes the close frame.
-                    self._on_message(peer, message)
-                    self.hub.flush_own(peer, force=True)
-                    continue
-                if peer.lagging:
-                    await self.hub.until_drained(peer)
-                if flow.blocked:
-                    await flow.wait()
-                self._on_message(peer, message)
-        except ConnectionClosed:
-            pass
-        finally:
-            self.hub.unregister(peer)
-            self.closed += 1
-            # The canonical line: everything about this connection, once, at its end.
-            reason = ws.close_reason
-            log.info(
-                "conn.closed",
-                duration=round(time.monotonic() - opened, 3),
-                code=ws.close_code,
-                # The client chooses the reason: escaped, as it may reach a terminal.
-                reason=None if reason is None else protocol.escape_text(reason, 123),
-                messages_in=peer.messages_in,
-                bytes_in=peer.bytes_in,
-                frames_out=peer.frames_out,
-                bytes_out=peer.bytes_out,
-                applied=peer.applied,
-                delta_sum=peer.delta_sum,
-                duplicates=peer.duplicates,
-                refused=peer.refused,
-                lagged=peer.lagged,
-                clients=self.hub.clients,
-            )
-
-    def _on_message(self, peer: Peer, message: str | bytes) -> None:
-        peer.messages_in += 1
-        # isascii() is O(1) on CPython: the exact size of a str frame without encoding it.
-        if isinstance(message, bytes) or message.isascii():
-            peer.bytes_in += len(message)
-        else:
-            peer.bytes_in += len(message.encode())
-        if isinstance(message, bytes):
-            self.hub.release(peer)
-            self._invalid(peer)
-            self._refuse(
-                peer,
-                "binary_unsupported",
-                "binary frames are not supported; send text",
-                None,
-                f"<{len(message)} bytes>",
-            )
-            return
-        if peer.mode is Mode.PLAIN:
-            try:
-                delta = protocol.parse_plain(message)
-            except ProtocolError as exc:
-                self._invalid(peer)
-                self._refuse(peer, exc.code, exc.message, None, message)
-                return
-            self._add(peer, delta, None, message)
-            return
-        try:
-            msg = protocol.parse_json(message)
-        except ProtocolError as exc:
-            self.hub.release(peer)
-            self._invalid(peer)
-            self._refuse(peer, exc.code, exc.message, exc.req_id, message)
-            return
-        if peer.phase is Phase.WAITING:
-            if isinstance(msg, Hello) and msg.since is not None and not peer.greeted:
-                self.hub.cancel_hold(peer)  # the replay (recovery.py) answers instead
-            else:
-                self.hub.release(peer)
-        if isinstance(msg, Add):
-            peer.greeted = True
-            self._add(peer, msg.delta, msg.req_id, message)
-        elif peer.greeted:
-            self._refuse(
-                peer, "hello_late", "hello is only allowed once, before any add", None, message
-            )
-        else:
-            peer.greeted = True
-            peer.client = msg.client
-            peer.name = msg.name
-            structlog.contextvars.bind_contextvars(client=msg.client, name=msg.name)
-            log.info("conn.hello", client=msg.client, name=msg.name, since=msg.since)
-            if msg.since is not None and msg.epoch is not None:
-                task = asyncio.ensure_future(self.recovery.recover(peer, msg.since, msg.epoch))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    def _add(self, peer: Peer, delta: int, req_id: str | None, raw: str) -> None:
-        rate = self.config.rate_limit
-        if rate:
-            now = time.monotonic()
-            bucket = peer.adds
-            if bucket is None:
-                bucket = peer.adds = TokenBucket(rate, now)
-            if not bucket.take(rate, now):
-                self._refuse(
-                    peer,
-                    "rate_limited",
-                    f"too many adds: at most {rate:g} per second per connection; not applied",
-                    req_id,
-                    raw,
-                )
-                return
-        if self.draining:
-            self._refuse(
-                peer, "shutting_down", "the server is shutting down; not applied", req_id, raw
-            )
-            return
-        self.batcher.add(
-            peer, Submission(delta, peer.id, time.time(), peer.client, peer.name, req_id)
-        )
-
-    def _invalid(self, peer: Peer) -> None:
-        """Count a malformed frame; a connection sending them in a loop is closed (1008)."""
-        limit = self.config.invalid_limit
-        if not limit:
-            return
-        window = peer.invalid
-        if window is None:
-            window = peer.invalid = Window()
-        if not window.over(limit, time.monotonic):
-            return
-        ws = peer.ws
-        if ws.protocol.state is State.OPEN:
-            log.warning("conn.flood", limit=limit, kind="invalid")
-            ws.protocol.fail(FLOOD, f"too many invalid frames: at most {limit} per second")
-            ws.send_data()
-            asyncio.get_running_loop().call_later(FLOOD_ABORT, ws.transport.abort)
-
-    def _refuse(self, peer: Peer, code: str, message: str, req_id: str | None, raw: str) -> None:
-        peer.refused += 1
-        self.refused += 1
-        refused = self.tallies.refused
-        refused[code] = refused.get(code, 0) + 1
-        if peer.refused <= REFUSALS_LOGGED or self._debug:
-            log.log(
-                logging.INFO if peer.refused <= REFUSALS_LOGGED else logging.DEBUG,
-                "update.refused",
-                code=code,
-                id=req_id,
-                input=protocol.escape_text(raw, 80),
-                refused=peer.refused,
-            )
-        if peer.mode is Mode.JSON:
-            self.hub.send(peer, protocol.encode_error(code, message, req_id))
-        else:
-            self.hub.send(peer, protocol.encode_plain_error(message))
-
-    def _resynced(self, peer: Peer, lag: Lag) -> None:
-        # Called from the hub's callbacks, outside the connection's task: name it in full.
-        hub = self.hub
-        log.info(
-            "conn.resynced",
-            **peer.context(),
-            seq=hub.seq,
-            lagged=peer.lagged,
-            missed=hub.seq - lag.seq,
-            lag_seconds=round(asyncio.get_running_loop().time() - lag.since, 3),
-        )
 
 
 def _reopen_logs() -> None:

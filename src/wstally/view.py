@@ -14,12 +14,20 @@ from wstally.metrics import Tallies
 __all__ = ["Host", "ServerView"]
 
 
-class Host(Protocol):
-    """The parts of a server the view reads (a TallyServer is one)."""
+class Counts(Protocol):
+    """The connection handler's counters (handler.Handler has them)."""
 
     opened: int
     closed: int
     refused: int
+
+
+class Host(Protocol):
+    """The parts of a server the view reads (a TallyServer is one)."""
+
+    @property
+    def handler(self) -> Counts: ...
+
     batcher: Batcher
     hub: Hub
     engine: Engine
@@ -47,7 +55,7 @@ class ServerView:
             "lagging_connections": len(hub.lagging),
             "lag_episodes": hub.skipped,
             "evicted": hub.evicted,
-            "connections_opened": server.opened,
+            "connections_opened": server.handler.opened,
             "flow_blocked": server.flow.blocks,
             "seq": server.position.seq,
             "engine_up": 0 if server.engine.status().get("degraded") else 1,
@@ -61,9 +69,9 @@ class ServerView:
     def counters(self) -> dict[str, int]:
         server = self.server
         return {
-            "opened": server.opened,
-            "closed": server.closed,
-            "refused": server.refused,
+            "opened": server.handler.opened,
+            "closed": server.handler.closed,
+            "refused": server.handler.refused,
             "committed": server.batcher.committed,
             "deliveries": server.hub.deliveries,
             "lagged": server.hub.skipped,

@@ -1,0 +1,264 @@
+"""The connection handler: read a frame, parse it, spend the budgets, hand adds to the
+batcher, answer the rest; one ``conn.closed`` line at the end.
+
+A connection's phase with the broadcast (waiting for its hello, replaying, live) is the
+hub's (peer.Phase); the handler only says when the first message came (``release``) or that
+a replay answers instead (``cancel_hold``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from wstally import logsetup, protocol
+from wstally.batcher import Batcher
+from wstally.budgets import TokenBucket, Window
+from wstally.config import ServerConfig
+from wstally.connection import FLOOD, FLOOD_ABORT
+from wstally.endpoints import first_header
+from wstally.engine.base import Submission
+from wstally.flow import Flow
+from wstally.hub import Hub, Lag, Mode, Peer, Phase
+from wstally.metrics import Tallies
+from wstally.protocol import SUBPROTOCOL, Add, Hello, ProtocolError
+from wstally.recovery import Recovery
+
+__all__ = ["HELLO_WINDOW", "REFUSALS_LOGGED", "Handler", "Host", "resynced"]
+
+log = logsetup.get_logger("wstally.server")
+
+# A client sending garbage in a loop must not flood the log: the first refusals of each
+# connection are logged at info, later ones at debug (conn.closed counts them all).
+REFUSALS_LOGGED = 20
+# A new JSON connection's snapshot waits this long for its hello (or any first message),
+# so that a returning client's replay can precede every live update. Send hello at once.
+HELLO_WINDOW = 0.05
+
+
+class Host(Protocol):
+    """The parts of a server the handler uses (a TallyServer is one)."""
+
+    config: ServerConfig
+    hub: Hub
+    batcher: Batcher
+    recovery: Recovery
+    flow: Flow
+    tallies: Tallies
+    draining: bool
+
+
+class Handler:
+    def __init__(self, server: Host) -> None:
+        self.server = server
+        # Replays in progress: cancelled at shutdown (they read from an engine about to close).
+        self.tasks: set[asyncio.Future[None]] = set()
+        # Counters for server.stats (per connection or refusal, never per update).
+        self.opened = 0
+        self.closed = 0
+        self.refused = 0
+        # Per-update events are debug: decide once whether to build them at all.
+        self._debug = logsetup.enabled_for(logging.DEBUG)
+
+    async def cancel_replays(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def handle(self, ws: ServerConnection) -> None:
+        """One connection, from its handshake to its close: read, answer, log once."""
+        mode = Mode.JSON if ws.subprotocol == SUBPROTOCOL else Mode.PLAIN
+        peer = Peer(ws, mode, logsetup.conn_id(ws))
+        structlog.contextvars.bind_contextvars(**peer.context())
+        opened = time.monotonic()
+        self.opened += 1
+        # Registered and unregistered in one try/finally: whatever fails in between, the
+        # connection never stays counted (a leak once locked everyone out with 503s).
+        try:
+            self.server.hub.register(peer, hold=HELLO_WINDOW)
+            agent = first_header(ws.request, "User-Agent")
+            log.info(
+                "conn.opened",
+                clients=self.server.hub.clients,
+                user_agent=None if agent is None else protocol.escape_text(agent, 80),
+            )
+            flow = self.server.flow
+            async for message in ws:
+                if self.server.draining:
+                    if ws.protocol.state is not State.OPEN:
+                        # Read after our close frame went out (the close handshake needs
+                        # reading): it cannot be answered; the client knows to resend it.
+                        break
+                    # Read while the close is on its way: answered (shutting_down) and
+                    # written at once, so that the answer precedes the close frame.
+                    self._on_message(peer, message)
+                    self.server.hub.flush_own(peer, force=True)
+                    continue
+                if peer.lagging:
+                    await self.server.hub.until_drained(peer)
+                if flow.blocked:
+                    await flow.wait()
+                self._on_message(peer, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.server.hub.unregister(peer)
+            self.closed += 1
+            # The canonical line: everything about this connection, once, at its end.
+            reason = ws.close_reason
+            log.info(
+                "conn.closed",
+                duration=round(time.monotonic() - opened, 3),
+                code=ws.close_code,
+                # The client chooses the reason: escaped, as it may reach a terminal.
+                reason=None if reason is None else protocol.escape_text(reason, 123),
+                messages_in=peer.messages_in,
+                bytes_in=peer.bytes_in,
+                frames_out=peer.frames_out,
+                bytes_out=peer.bytes_out,
+                applied=peer.applied,
+                delta_sum=peer.delta_sum,
+                duplicates=peer.duplicates,
+                refused=peer.refused,
+                lagged=peer.lagged,
+                clients=self.server.hub.clients,
+            )
+
+    def _on_message(self, peer: Peer, message: str | bytes) -> None:
+        peer.messages_in += 1
+        # isascii() is O(1) on CPython: the exact size of a str frame without encoding it.
+        if isinstance(message, bytes) or message.isascii():
+            peer.bytes_in += len(message)
+        else:
+            peer.bytes_in += len(message.encode())
+        if isinstance(message, bytes):
+            self.server.hub.release(peer)
+            self._invalid(peer)
+            self.refuse(
+                peer,
+                "binary_unsupported",
+                "binary frames are not supported; send text",
+                None,
+                f"<{len(message)} bytes>",
+            )
+            return
+        if peer.mode is Mode.PLAIN:
+            try:
+                delta = protocol.parse_plain(message)
+            except ProtocolError as exc:
+                self._invalid(peer)
+                self.refuse(peer, exc.code, exc.message, None, message)
+                return
+            self._add(peer, delta, None, message)
+            return
+        try:
+            msg = protocol.parse_json(message)
+        except ProtocolError as exc:
+            self.server.hub.release(peer)
+            self._invalid(peer)
+            self.refuse(peer, exc.code, exc.message, exc.req_id, message)
+            return
+        if peer.phase is Phase.WAITING:
+            if isinstance(msg, Hello) and msg.since is not None and not peer.greeted:
+                self.server.hub.cancel_hold(peer)  # the replay (recovery.py) answers instead
+            else:
+                self.server.hub.release(peer)
+        if isinstance(msg, Add):
+            peer.greeted = True
+            self._add(peer, msg.delta, msg.req_id, message)
+        elif peer.greeted:
+            self.refuse(
+                peer, "hello_late", "hello is only allowed once, before any add", None, message
+            )
+        else:
+            peer.greeted = True
+            peer.client = msg.client
+            peer.name = msg.name
+            structlog.contextvars.bind_contextvars(client=msg.client, name=msg.name)
+            log.info("conn.hello", client=msg.client, name=msg.name, since=msg.since)
+            if msg.since is not None and msg.epoch is not None:
+                task = asyncio.ensure_future(
+                    self.server.recovery.recover(peer, msg.since, msg.epoch)
+                )
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    def _add(self, peer: Peer, delta: int, req_id: str | None, raw: str) -> None:
+        rate = self.server.config.rate_limit
+        if rate:
+            now = time.monotonic()
+            bucket = peer.adds
+            if bucket is None:
+                bucket = peer.adds = TokenBucket(rate, now)
+            if not bucket.take(rate, now):
+                self.refuse(
+                    peer,
+                    "rate_limited",
+                    f"too many adds: at most {rate:g} per second per connection; not applied",
+                    req_id,
+                    raw,
+                )
+                return
+        if self.server.draining:
+            self.refuse(
+                peer, "shutting_down", "the server is shutting down; not applied", req_id, raw
+            )
+            return
+        self.server.batcher.add(
+            peer, Submission(delta, peer.id, time.time(), peer.client, peer.name, req_id)
+        )
+
+    def _invalid(self, peer: Peer) -> None:
+        """Count a malformed frame; a connection sending them in a loop is closed (1008)."""
+        limit = self.server.config.invalid_limit
+        if not limit:
+            return
+        window = peer.invalid
+        if window is None:
+            window = peer.invalid = Window()
+        if not window.over(limit, time.monotonic):
+            return
+        ws = peer.ws
+        if ws.protocol.state is State.OPEN:
+            log.warning("conn.flood", limit=limit, kind="invalid")
+            ws.protocol.fail(FLOOD, f"too many invalid frames: at most {limit} per second")
+            ws.send_data()
+            asyncio.get_running_loop().call_later(FLOOD_ABORT, ws.transport.abort)
+
+    def refuse(self, peer: Peer, code: str, message: str, req_id: str | None, raw: str) -> None:
+        peer.refused += 1
+        self.refused += 1
+        refused = self.server.tallies.refused
+        refused[code] = refused.get(code, 0) + 1
+        if peer.refused <= REFUSALS_LOGGED or self._debug:
+            log.log(
+                logging.INFO if peer.refused <= REFUSALS_LOGGED else logging.DEBUG,
+                "update.refused",
+                code=code,
+                id=req_id,
+                input=protocol.escape_text(raw, 80),
+                refused=peer.refused,
+            )
+        if peer.mode is Mode.JSON:
+            self.server.hub.send(peer, protocol.encode_error(code, message, req_id))
+        else:
+            self.server.hub.send(peer, protocol.encode_plain_error(message))
+
+
+def resynced(peer: Peer, lag: Lag, seq: int) -> None:
+    # Called from the hub's callbacks, outside the connection's task: name it in full.
+    log.info(
+        "conn.resynced",
+        **peer.context(),
+        seq=seq,
+        lagged=peer.lagged,
+        missed=seq - lag.seq,
+        lag_seconds=round(asyncio.get_running_loop().time() - lag.since, 3),
+    )
