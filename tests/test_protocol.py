@@ -665,3 +665,31 @@ def test_unprintable_ids_are_refused(req_id: str) -> None:
 def test_every_error_code_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
     assert [code for code in sorted(ERROR_CODES) if f"`{code}`" not in doc] == []
+
+
+def test_server_frames_decode_to_typed_messages() -> None:
+    from wstally.protocol import (
+        AckMsg,
+        ErrorMsg,
+        ItemMsg,
+        PresenceMsg,
+        SnapshotMsg,
+        UpdatesMsg,
+        decode_server,
+    )
+
+    big = 2**63 - 1
+    update = Update(7, -(2**63), big, 0.0, "c", name="ann", req_id="r")
+    assert decode_server(encode_updates([update])) == UpdatesMsg(
+        7, big, (ItemMsg(7, -(2**63), big, "ann"),)
+    )
+    assert decode_server(encode_ack("r", 7, big, True)) == AckMsg("r", 7, big, True)
+    assert decode_server(encode_snapshot("e", 1, 2, 3)) == SnapshotMsg("e", 1, 2, 3)
+    recovered = encode_snapshot("e", 1, 2, 3, recovered=False, reason="why")
+    assert decode_server(recovered) == SnapshotMsg("e", 1, 2, 3, False, "why")
+    assert decode_server(encode_presence(4)) == PresenceMsg(4)
+    assert decode_server(encode_error("overflow", "no", "r")) == ErrorMsg("overflow", "no", "r")
+    assert decode_server('{"type":"something-new"}') is None
+    for bad in ("nope", '{"type":"ack"}', '{"type":"updates","seq":1,"total":1,"items":[1]}'):
+        with pytest.raises((ValueError, KeyError, TypeError)):
+            decode_server(bad)

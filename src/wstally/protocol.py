@@ -27,9 +27,17 @@ __all__ = [
     "MAX_SERVER_FRAME",
     "SUBPROTOCOL",
     "UPDATES_PER_FRAME",
+    "AckMsg",
     "Add",
+    "ErrorMsg",
     "Hello",
+    "ItemMsg",
+    "PresenceMsg",
     "ProtocolError",
+    "ServerMessage",
+    "SnapshotMsg",
+    "UpdatesMsg",
+    "decode_server",
     "encode_ack",
     "encode_error",
     "encode_plain_error",
@@ -300,3 +308,91 @@ def encode_plain_error(message: str) -> str:
 
 def plain_totals(updates: Iterable[Update]) -> list[str]:
     return [f"Server records total={u.total}" for u in updates]
+
+
+# Server -> client, decoded (for clients: wstally client, watch, the load test). What a
+# client cannot read raises ValueError (or KeyError, TypeError for a missing or odd field);
+# a type it does not know is None, so that a newer server's additions are skipped.
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotMsg:
+    epoch: str
+    seq: int
+    total: int
+    clients: int
+    recovered: bool | None = None  # only in answer to a hello with since
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ItemMsg:
+    seq: int
+    delta: int
+    total: int
+    by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatesMsg:
+    seq: int
+    total: int
+    items: tuple[ItemMsg, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AckMsg:
+    req_id: str
+    seq: int
+    total: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceMsg:
+    clients: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMsg:
+    code: str
+    message: str
+    req_id: str | None = None
+
+
+ServerMessage = SnapshotMsg | UpdatesMsg | AckMsg | PresenceMsg | ErrorMsg
+
+
+def decode_server(text: str) -> ServerMessage | None:
+    """One server frame of the JSON mode, typed; None for a type this client does not know."""
+    msg = json.loads(text)
+    kind = msg["type"]
+    if kind == "updates":
+        items = tuple(
+            ItemMsg(int(i["seq"]), int(i["delta"]), int(i["total"]), _text(i.get("by")))
+            for i in msg["items"]
+        )
+        return UpdatesMsg(int(msg["seq"]), int(msg["total"]), items)
+    if kind == "ack":
+        return AckMsg(
+            str(msg["id"]), int(msg["seq"]), int(msg["total"]), bool(msg.get("duplicate"))
+        )
+    if kind == "snapshot":
+        recovered = msg.get("recovered")
+        return SnapshotMsg(
+            str(msg["epoch"]),
+            int(msg["seq"]),
+            int(msg["total"]),
+            int(msg["clients"]),
+            None if recovered is None else bool(recovered),
+            _text(msg.get("reason")),
+        )
+    if kind == "presence":
+        return PresenceMsg(int(msg["clients"]))
+    if kind == "error":
+        return ErrorMsg(str(msg.get("code")), str(msg.get("message")), _text(msg.get("id")))
+    return None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

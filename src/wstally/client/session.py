@@ -21,8 +21,16 @@ from typing import Any, TypeVar
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from wstally import protocol
 from wstally.client.pacing import Pacer
-from wstally.protocol import SUBPROTOCOL
+from wstally.protocol import (
+    SUBPROTOCOL,
+    AckMsg,
+    ErrorMsg,
+    PresenceMsg,
+    SnapshotMsg,
+    UpdatesMsg,
+)
 from wstally.text import escape_text
 
 __all__ = [
@@ -345,68 +353,73 @@ class Session:
             if isinstance(raw, bytes):
                 continue
             try:
-                msg = json.loads(raw)
-                handler = getattr(self, "_on_" + str(msg.get("type")), None)
-                if handler is not None:
-                    handler(msg)
-            except (ValueError, KeyError, TypeError, AttributeError):
+                msg = protocol.decode_server(raw)
+            except (ValueError, KeyError, TypeError):
                 continue  # a frame we cannot read is not worth the connection
+            if isinstance(msg, UpdatesMsg):
+                self._on_updates(msg)
+            elif isinstance(msg, AckMsg):
+                self._on_ack(msg)
+            elif isinstance(msg, SnapshotMsg):
+                self._on_snapshot(msg)
+            elif isinstance(msg, ErrorMsg):
+                self._on_error(msg)
+            elif isinstance(msg, PresenceMsg):
+                self._on_presence(msg)
 
     # Server messages
 
-    def _on_snapshot(self, msg: dict[str, Any]) -> None:
+    def _on_snapshot(self, msg: SnapshotMsg) -> None:
         if self._recovering:
-            if "recovered" not in msg:
+            if msg.recovered is None:
                 return  # the connect-time snapshot: the replay follows
             self._recovering = False
-            if msg["recovered"] and int(msg["seq"]) == self.seq:
-                self.clients = int(msg["clients"])
+            if msg.recovered and msg.seq == self.seq:
+                self.clients = msg.clients
                 replayed = self.seq - self._since
                 snapshot = Snapshot(self.epoch or "", self.seq, self.total, self.clients)
                 self._emit(replace(snapshot, recovered=True, replayed=replayed))
                 return
         missed = None
-        new_history = self.epoch is not None and msg["epoch"] != self.epoch
-        if self.epoch is not None and not new_history and msg["seq"] > self.seq:
-            missed = (self.seq + 1, int(msg["seq"]))
-        self.epoch = str(msg["epoch"])
-        self.seq, self.total = int(msg["seq"]), int(msg["total"])
-        self.clients = int(msg["clients"])
+        new_history = self.epoch is not None and msg.epoch != self.epoch
+        if self.epoch is not None and not new_history and msg.seq > self.seq:
+            missed = (self.seq + 1, msg.seq)
+        self.epoch = msg.epoch
+        self.seq, self.total = msg.seq, msg.total
+        self.clients = msg.clients
         self._emit(Snapshot(self.epoch, self.seq, self.total, self.clients, missed, new_history))
 
-    def _on_updates(self, msg: dict[str, Any]) -> None:
+    def _on_updates(self, msg: UpdatesMsg) -> None:
         # Only what continues our position counts: during a replay, a live frame that got
         # ahead of it is dropped (the replay covers it); a repeat is dropped too.
         items: list[Item] = []
         seq = self.seq
-        for i in msg["items"]:
-            if int(i["seq"]) == seq + 1 or (not self._recovering and int(i["seq"]) > seq):
-                items.append(Item(int(i["seq"]), int(i["delta"]), int(i["total"]), i.get("by")))
-                seq = items[-1].seq
+        for i in msg.items:
+            if i.seq == seq + 1 or (not self._recovering and i.seq > seq):
+                items.append(Item(i.seq, i.delta, i.total, i.by))
+                seq = i.seq
         if not items:
             return
         self.seq, self.total = items[-1].seq, items[-1].total
         own = frozenset(i.seq for i in items if i.seq in self.own_seqs)
         self._emit(Updates(tuple(items), own))
 
-    def _on_ack(self, msg: dict[str, Any]) -> None:
-        req_id = str(msg.get("id"))
+    def _on_ack(self, msg: AckMsg) -> None:
+        req_id = msg.req_id
         delta = self.outbox.pop(req_id, None)
         if delta is None:
             return  # an answer to a resend we already had
         self._sent_at.pop(req_id, None)
         self.acked += 1
-        self.own_seqs.add(int(msg["seq"]))
-        self._emit(
-            Acked(req_id, delta, int(msg["seq"]), int(msg["total"]), bool(msg.get("duplicate")))
-        )
+        self.own_seqs.add(msg.seq)
+        self._emit(Acked(req_id, delta, msg.seq, msg.total, msg.duplicate))
         self._check_settled()
 
-    def _on_error(self, msg: dict[str, Any]) -> None:
-        code, message, req_id = str(msg.get("code")), str(msg.get("message")), msg.get("id")
-        if not isinstance(req_id, str) or req_id not in self.outbox:
+    def _on_error(self, msg: ErrorMsg) -> None:
+        code, message, req_id = msg.code, msg.message, msg.req_id
+        if req_id is None or req_id not in self.outbox:
             # Not about an add of ours still waiting: a bad frame, or a late answer.
-            self._emit(Refused(code, message, req_id if isinstance(req_id, str) else None, None))
+            self._emit(Refused(code, message, req_id, None))
             return
         sent_at = self._sent_at.pop(req_id, None)
         if code == "rate_limited":
@@ -427,8 +440,8 @@ class Session:
             self._emit(Paced(self.pacer.rate(now) or 0.0))
         self._resend(req_id)
 
-    def _on_presence(self, msg: dict[str, Any]) -> None:
-        self.clients = int(msg["clients"])
+    def _on_presence(self, msg: PresenceMsg) -> None:
+        self.clients = msg.clients
         self._emit(Presence(self.clients))
 
     def _resend(self, req_id: str) -> None:
