@@ -1,0 +1,111 @@
+"""What the engine writes to Redis and reads back: key names, a batch's arguments and reply,
+a stream entry's fields.
+
+Pure functions over strings: no connection, no clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from wstally.engine.base import Result, Submission
+from wstally.store.base import ROW_COLUMNS
+from wstally.tally import Duplicate, Refused, Update, dedup_scope
+
+__all__ = ["decode", "encode", "entry_row", "history_keys", "results"]
+
+# A stream entry's payload: [at, conn, client, name, req_id] (null for None). JSON keeps
+# None apart from "", floats exact (repr), and packs five fields into one for Redis.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# The C scanner alone: decode() would also run a regex for surrounding whitespace, twice
+# the cost, on every entry of every feed.
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def history_keys(prefix: str) -> tuple[str, str, str]:
+    """The meta hash, the log stream and the ids hash of the history kept under ``prefix``."""
+    # One hash tag for every key: Redis Cluster puts the keys of one script in one slot.
+    tag = "{" + prefix + "}"
+    return f"{tag}:meta", f"{tag}:log", f"{tag}:ids"
+
+
+# An entry's s, d and t and then its payload hold an update's fields in this order.
+_UPDATE_FIELDS = tuple(field.name for field in dataclasses.fields(Update))
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def entry_row(fields: Sequence[str]) -> tuple[str | None, tuple[Any, ...]]:
+    """A stream entry's epoch and its update as a stored row (``store.ROW_COLUMNS``).
+
+    Read by field name and without trusting the values, unlike the feed's decoding: a number
+    that is not one stays text, a missing field or payload item is None. ``wstally history
+    --verify`` can then name what is wrong with an entry instead of failing on it.
+    """
+    named = dict(zip(fields[::2], fields[1::2], strict=False))
+    try:
+        payload = json.loads(named.get("p", ""))
+    except ValueError:
+        payload = None
+    if not isinstance(payload, list) or len(payload) != len(_UPDATE_FIELDS) - 3:
+        payload = [None] * (len(_UPDATE_FIELDS) - 3)
+    numbers = [_stored_int(named.get(name)) for name in ("s", "d", "t")]
+    values = dict(zip(_UPDATE_FIELDS, (*numbers, *payload), strict=True))
+    return named.get("e"), tuple(values[column] for column in ROW_COLUMNS)
+
+
+def _stored_int(text: str | None) -> int | str | None:
+    # The script writes integers as %d: anything else is kept as found, for the report.
+    return int(text) if text is not None and _INTEGER.fullmatch(text) else text
+
+
+def decode(f: Sequence[str]) -> Update:
+    """An update from a stream entry's field list (fields in the order the script wrote)."""
+    at, conn, client, name, req_id = _scan(f[11], 0)[0]
+    return Update(int(f[3]), int(f[5]), int(f[7]), at, conn, client, name, req_id)
+
+
+def encode(batch: Sequence[Submission]) -> list[Any]:
+    """The batch script's arguments for ``batch``: delta, dedup key, payload per add."""
+    args: list[Any] = []
+    for s in batch:
+        key = "" if s.req_id is None else _id_key(dedup_scope(s.client, s.conn), s.req_id)
+        args += (s.delta, key, _dumps([s.at, s.conn, s.client, s.name, s.req_id]))
+    return args
+
+
+def _id_key(scope: str, req_id: str) -> str:
+    # The length prefix keeps (scope, id) pairs apart whatever characters they hold.
+    return f"{len(scope)}:{scope}{req_id}"
+
+
+def results(batch: Sequence[Submission], tokens: list[str]) -> list[Result]:
+    """Each add's answer, from the tokens of an ``ok`` reply of the batch script."""
+    answers: list[Result] = []
+    i = 4
+    for s in batch:
+        kind = tokens[i]
+        if kind == "u":
+            seq, total = int(tokens[i + 1]), int(tokens[i + 2])
+            answers.append(Update(seq, s.delta, total, s.at, s.conn, s.client, s.name, s.req_id))
+            i += 3
+        elif kind == "d":
+            assert s.req_id is not None
+            answers.append(Duplicate(s.req_id, int(tokens[i + 1]), int(tokens[i + 2])))
+            i += 3
+        else:
+            answers.append(_refusal(kind, s.delta))
+            i += 1
+    return answers
+
+
+def _refusal(kind: str, delta: int) -> Refused:
+    if kind == "o":
+        return Refused(
+            "overflow",
+            f"adding {delta} would take the total out of the signed 64-bit range; total unchanged",
+        )
+    return Refused("bad_delta", "delta must be in the signed 64-bit range")

@@ -1,0 +1,157 @@
+"""The engine's two Lua scripts, and the runner that sends them to Redis.
+
+``OPEN_LUA`` reads the position (starting a new history when there is none); ``BATCH_LUA``
+applies one batch atomically. The package docstring tells which keys they keep and why
+nothing in a script can fail half-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+__all__ = ["BATCH_LUA", "OPEN_LUA", "Script"]
+
+# Shared by both scripts. KEYS[1] meta hash, KEYS[2] log stream, KEYS[3] ids hash.
+_LUA_COMMON = """
+local meta, log, ids = KEYS[1], KEYS[2], KEYS[3]
+
+-- No meta hash: a new history (first start, or Redis lost its data). Start it under the
+-- candidate epoch and drop whatever an older history left, so that its entries and ids
+-- cannot leak into the new one.
+local function current_epoch(candidate)
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if epoch then return epoch end
+  redis.call('DEL', log, ids)
+  redis.call('HSET', meta, 'epoch', candidate, 'seq', '0', 'total', '0', 'pruned', '0')
+  return candidate
+end
+"""
+
+# ARGV[1]: a candidate epoch. Returns {epoch, seq, total} as strings.
+OPEN_LUA = (
+    "#!lua\n"
+    + _LUA_COMMON
+    + """
+local epoch = current_epoch(ARGV[1])
+local state = redis.call('HMGET', meta, 'seq', 'total')
+return {epoch, state[1], state[2]}
+"""
+)
+
+# KEYS[4]: this node's hash (last batch and reply). ARGV: 1 expected epoch, 2 candidate
+# epoch, 3 window, 4 keep, 5 seconds to keep the reply, 6 session, 7 batch counter, then 3
+# per add: delta, dedup key ("" without an id), payload (JSON: at, conn, client, name, req_id).
+# Returns one string: "ok <epoch> <seq> <total>" then per add "u <seq> <total>" (applied),
+# "d <seq> <total>" (duplicate), "o" (overflow) or "b" (bad delta); or, with nothing
+# applied, "epoch <epoch> <seq> <total>" when Redis holds another history, "stale" for a
+# batch older than this session's last one.
+BATCH_LUA = (
+    "#!lua\n"
+    + _LUA_COMMON
+    + """
+local node, session, counter = KEYS[4], ARGV[6], tonumber(ARGV[7])
+local EXACT = 9007199254740992  -- 2^53: Lua numbers are doubles, exact below this
+
+-- HINCRBY's reply became a double: below 2^53 it is exact, above read the string back.
+local function exact_total(n)
+  if n > -EXACT and n < EXACT then return string.format('%d', n) end
+  return redis.call('HGET', meta, 'total')
+end
+
+-- Forget the ids of updates that left the window, read from their stream entries; at most
+-- `budget` updates per batch so that a smaller window never makes one script long.
+local function forget(seq, window, pruned, budget)
+  local horizon = math.min(seq - window, pruned + budget)
+  if horizon <= pruned then return pruned end
+  local rows = redis.call('XRANGE', log, string.format('%d', pruned + 1),
+                          string.format('%d', horizon))
+  local dead = {}
+  for _, row in ipairs(rows) do
+    local key = row[2][10]
+    if key ~= '' then
+      dead[#dead + 1] = key
+      if #dead == 1000 then redis.call('HDEL', ids, unpack(dead)); dead = {} end
+    end
+  end
+  if #dead > 0 then redis.call('HDEL', ids, unpack(dead)) end
+  redis.call('HSET', meta, 'pruned', string.format('%d', horizon))
+  return horizon
+end
+
+local last = redis.call('HMGET', node, 'session', 'counter', 'reply')
+if last[1] == session then
+  if tonumber(last[2]) == counter then return last[3] end
+  if tonumber(last[2]) > counter then return 'stale' end
+end
+
+local epoch = current_epoch(ARGV[2])
+local state = redis.call('HMGET', meta, 'seq', 'total', 'pruned')
+if epoch ~= ARGV[1] then
+  return 'epoch ' .. epoch .. ' ' .. state[1] .. ' ' .. state[2]
+end
+local seq = tonumber(state[1])
+local first = seq
+if seq + (#ARGV - 7) / 3 >= EXACT then
+  return redis.error_reply('seq would pass 2^53, beyond what this script counts exactly')
+end
+
+local out = {}
+for a = 8, #ARGV, 3 do
+  local delta, key = ARGV[a], ARGV[a + 1]
+  local seen = false
+  if key ~= '' then seen = redis.call('HGET', ids, key) end
+  if seen then
+    out[#out + 1] = 'd ' .. seen
+  else
+    -- HINCRBY refuses without writing: an overflowing total, or a delta that is no int64.
+    local total = redis.pcall('HINCRBY', meta, 'total', delta)
+    if type(total) == 'table' then
+      if string.find(total.err, 'overflow', 1, true) then out[#out + 1] = 'o'
+      else out[#out + 1] = 'b' end
+    else
+      seq = seq + 1
+      local s, t = string.format('%d', seq), exact_total(total)
+      redis.call('XADD', log, s .. '-0', 'e', epoch, 's', s, 'd', delta, 't', t,
+                 'k', key, 'p', ARGV[a + 2])
+      if key ~= '' then redis.call('HSET', ids, key, s .. ' ' .. t) end
+      out[#out + 1] = 'u ' .. s .. ' ' .. t
+    end
+  end
+end
+
+if seq > first then
+  redis.call('HSET', meta, 'seq', string.format('%d', seq))
+  local pruned = forget(seq, tonumber(ARGV[3]), tonumber(state[3] or '0'), 2 * (seq - first) + 100)
+  -- Keep `keep` updates, and every update whose id is still remembered (forget reads them).
+  local minid = math.min(seq - tonumber(ARGV[4]), pruned) + 1
+  if minid > 1 then redis.call('XTRIM', log, 'MINID', '~', string.format('%d', minid)) end
+end
+
+local reply = 'ok ' .. epoch .. ' ' .. string.format('%d', seq) .. ' '
+  .. redis.call('HGET', meta, 'total')
+if #out > 0 then reply = reply .. ' ' .. table.concat(out, ' ') end
+redis.call('HSET', node, 'session', session, 'counter', ARGV[7], 'reply', reply)
+redis.call('EXPIRE', node, ARGV[5])
+return reply
+"""
+)
+
+
+class Script:
+    """A Lua script run by EVALSHA, sent whole again when Redis lost it (after a restart)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def run(self, client: Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Nothing ran: sending the source is safe, and caches the script again.
+            return await client.eval(self.source, len(keys), *keys, *args)
