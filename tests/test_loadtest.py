@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -24,7 +24,9 @@ SCRIPT = ROOT / "scripts" / "loadtest.py"
 NAIVE = f"{sys.executable} -m wstally.loadgen.naive_server"
 
 
-def loadtest(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+def loadtest(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], str]:
     out = tmp_path / "result.json"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--quiet", "--json", str(out), *args],
@@ -32,6 +34,7 @@ def loadtest(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], str]:
         text=True,
         timeout=within(120),
         cwd=ROOT,
+        env=env,
     )
     figures = json.loads(out.read_text()) if out.exists() else {}
     return result.returncode, figures, result.stdout + result.stderr
@@ -143,9 +146,25 @@ def test_find_capacity_steps_until_the_limit(tmp_path: Path) -> None:
     assert "largest audience that held" in result.stdout
 
 
-def test_compare_naive_works_from_an_installed_package(tmp_path: Path) -> None:
-    # The package copied away from the source checkout, as pip would install it: the naive
-    # reference server must come with it, not from benchmarks/ in a clone.
+class Run(NamedTuple):
+    code: int
+    figures: dict[str, Any]
+    stdout: str
+    stderr: str
+
+
+def _piped_env(**extra: str) -> dict[str, str]:
+    # As through a pipe, with nothing saying how wide it is.
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """One ``--compare naive`` run, from the package copied away from the source checkout,
+    as pip would install it: the naive reference server must come with it, not from
+    benchmarks/ in a clone."""
+    tmp_path = tmp_path_factory.mktemp("compare")
     site = tmp_path / "site"
     shutil.copytree(
         ROOT / "src" / "wstally", site / "wstally", ignore=shutil.ignore_patterns("__pycache__")
@@ -167,7 +186,7 @@ def test_compare_naive_works_from_an_installed_package(tmp_path: Path) -> None:
             "--senders",
             "1",
             "--updates",
-            "100",
+            "200",
             "--json",
             str(out),
         ],
@@ -175,14 +194,139 @@ def test_compare_naive_works_from_an_installed_package(tmp_path: Path) -> None:
         text=True,
         timeout=within(120),
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(site)},
+        env=_piped_env(PYTHONPATH=str(site)),
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    report = json.loads(out.read_text()) if out.exists() else {}
+    return Run(result.returncode, report, result.stdout, result.stderr)
+
+
+def test_compare_naive_works_from_an_installed_package(compared: Run) -> None:
+    output = compared.stdout + compared.stderr
+    assert compared.code == 0, output
     assert "Traceback" not in output
-    report = json.loads(out.read_text())
-    assert report["runs"]["naive"]["pass"] is True
-    assert report["runs"]["naive"]["acked"] == 100
+    assert compared.figures["runs"]["naive"]["pass"] is True
+    assert compared.figures["runs"]["naive"]["acked"] == 200
+
+
+def test_compare_titles_each_table_by_its_server(compared: Run) -> None:
+    assert compared.code == 0, compared.stdout + compared.stderr
+    titles = [line.strip() for line in compared.stdout.splitlines() if "load test" in line]
+    assert titles == ["wstally load test", "naive load test"]
+
+
+def test_compare_json_holds_every_ratio_the_table_shows(compared: Run) -> None:
+    assert compared.code == 0, compared.stdout + compared.stderr
+    table = compared.stdout[compared.stdout.index("wstally / naive") :]
+    shown = [line.split("│")[1].strip() for line in table.splitlines() if line.endswith(" │")]
+    assert shown == ["deliveries_per_s", "ingest_per_s", "ack_ms p99", "fanout_ms p99"]
+    ratios = compared.figures["ratios"]
+    assert list(ratios) == ["deliveries_per_s", "ingest_per_s", "ack_ms_p99", "fanout_ms_p99"]
+    assert all(ratio > 0 for ratio in ratios.values())
+
+
+def test_spawned_runs_record_the_url_they_loaded(compared: Run) -> None:
+    # Not the default --url (8765), which --spawn ignores: each run's own server.
+    urls = [compared.figures["runs"][label]["config"]["url"] for label in ("wstally", "naive")]
+    assert all(len(url) == 1 and url[0].startswith("ws://127.0.0.1:") for url in urls), urls
+    assert "ws://127.0.0.1:8765/" not in [url[0] for url in urls]
+    assert urls[0] != urls[1]
+
+
+def test_a_piped_table_is_not_wrapped(tmp_path: Path) -> None:
+    # The stalled-reader row makes the table wider than 80 columns.
+    code, figures, output = loadtest(
+        tmp_path,
+        "--spawn",
+        "--store",
+        "memory",
+        "--watchers",
+        "3",
+        "--senders",
+        "1",
+        "--updates",
+        "100",
+        "--stalled",
+        "1",
+        env=_piped_env(),
+    )
+    assert code == 0, output
+    rows = [line for line in output.splitlines() if line.startswith("│")]
+    assert max(len(row) for row in rows) > 80
+    # Every row on one line: no cell continues on the next.
+    assert all(row.split("│")[1].strip() and row.split("│")[2].strip() for row in rows), output
+    stalled = next(row for row in rows if "stalled readers / evicted by the server" in row)
+    assert stalled.split("│")[2].strip() == f"1 / {figures['evicted_by_server']}"
+
+
+def test_help_shows_the_defaults(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=within(30),
+        cwd=ROOT,
+        env=_piped_env(COLUMNS="200", WSTALLY_TOKEN="not-for-the-help"),
+    )
+    assert result.returncode == 0, result.stderr
+    lines: dict[str, str] = {}  # each flag's whole entry: its help may start a line below
+    flag = ""
+    for line in result.stdout.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0]
+        if flag:
+            lines[flag] = lines.get(flag, "") + line
+    for flag, default in (
+        ("--watchers", "[default 100]"),
+        ("--senders", "[default 10]"),
+        ("--window", "[default 50]"),
+        ("--duration", "[default 10]"),
+        ("--processes", "[default 1]"),
+        ("--sample-every", "[default 8]"),
+        ("--url", "[default ws://127.0.0.1:8765/]"),
+        ("--store", "[default: sqlite in a temp dir]"),
+        ("--token", "[env WSTALLY_TOKEN]"),
+    ):
+        assert default in lines[flag], lines[flag]
+    # The token's value comes from the environment after parsing: --help never shows it.
+    assert "not-for-the-help" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        (["--wathcers", "5"], "--watchers"),
+        (["--duratoin=1"], "--duration"),
+        (["-spawn"], "--spawn"),
+    ],
+)
+def test_a_misspelt_flag_suggests_the_right_one(given: list[str], meant: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *given],
+        capture_output=True,
+        text=True,
+        timeout=within(30),
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        last
+        == f"loadtest.py: error: unrecognized arguments: {' '.join(given)}; did you mean {meant}?"
+    )
+
+
+def test_an_unknown_flag_far_from_any_gets_no_guess() -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--xyzzy"],
+        capture_output=True,
+        text=True,
+        timeout=within(30),
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "loadtest.py: error: unrecognized arguments: --xyzzy"
+    )
 
 
 def test_no_server_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from wstally.engine.base import (
     Published,
 )
 from wstally.engine.local import LocalEngine
+from wstally.fdlimit import raise_fd_limit as _raise_fd_limit
 from wstally.flow import Flow
 from wstally.handler import Handler, resynced
 from wstally.hub import Hub
@@ -328,15 +329,6 @@ def _fd_capacity() -> int:
     if soft == resource.RLIM_INFINITY:
         return 1 << 30
     return max(soft - FD_RESERVE, 1)
-
-
-def _raise_fd_limit() -> None:
-    # Each client is a file descriptor; the usual soft limit of 1024 is far below what one
-    # server process handles.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _tls_problem(cfg: ServerConfig, exc: Exception) -> str:

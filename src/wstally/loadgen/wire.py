@@ -18,7 +18,18 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
-__all__ = ["FrameClient", "HandshakeError", "encode_frame", "open_client"]
+__all__ = [
+    "PRESENCE_PREFIX",
+    "UPDATES_PREFIX",
+    "FrameClient",
+    "HandshakeError",
+    "encode_frame",
+    "open_client",
+]
+
+# How wstally's compact JSON frames begin: enough to tell the hot ones apart unparsed.
+UPDATES_PREFIX = b'{"type":"updates","seq":'
+PRESENCE_PREFIX = b'{"type":"presence"'
 
 OP_TEXT = 0x1
 OP_CLOSE = 0x8
