@@ -160,6 +160,8 @@ def test_client_and_load_test_speak_wss(tmp_path: Path, tls_files: tuple[str, st
                 "--updates",
                 "50",
                 "--quiet",
+                "--json",
+                str(tmp_path / "load.json"),
             ],
             capture_output=True,
             text=True,
@@ -167,6 +169,10 @@ def test_client_and_load_test_speak_wss(tmp_path: Path, tls_files: tuple[str, st
         )
         assert load.returncode == 0, load.stdout + load.stderr
         assert "PASS" in load.stdout
+        # The figures file may be shared: the token is not in it.
+        saved = (tmp_path / "load.json").read_text()
+        assert SECRET not in saved
+        assert SECRET not in load.stdout + load.stderr
     finally:
         server.stop()
         server.close()

@@ -45,7 +45,8 @@ def _load(config: dict[str, Any], good: list[WorkerResult], seen: Observations) 
     items = sum(r.watched.items for r in good)
     gen_cpu = [r.cpu_seconds / max(r.run_seconds, NEVER) for r in good]
     return {
-        "config": config,
+        # The JSON may be shared or kept: the token never goes into it.
+        "config": {k: ("[redacted]" if k == "token" and v else v) for k, v in config.items()},
         "connections": connected,
         "connect_failed": sum(r.connect_failed for r in good),
         "connect_seconds": round(seen.connect_seconds, 3),
