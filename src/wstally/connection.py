@@ -8,6 +8,7 @@ already read, and only then send the close frame.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Generator
 from http import HTTPStatus
 from typing import Any
@@ -73,7 +74,13 @@ def _guarded_parse(protocol: ServerProtocol) -> Generator[None]:
             # WebSocket frame and drop the connection unanswered. The first request is
             # answered (and the connection closed, HTTP/1.1 with Connection: close).
             del reader.buffer[end:]
-        yield from protocol.parse()
+        # websockets' own parser takes over from here, for the connection's lifetime: this
+        # guard steps out rather than wrap every frame that follows.
+        parser = protocol.parse()
+        protocol.parser = parser
+        with contextlib.suppress(StopIteration):
+            next(parser)
+        yield
         return
     status, text = problem
     protocol.handshake_exc = InvalidMessage(f"did not receive a valid HTTP request: {text}")
