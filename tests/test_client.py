@@ -235,11 +235,20 @@ def test_piped_mode_paces_itself_under_the_default_rate_limit(serve: Any) -> Non
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "800020000"
     assert "40000 of 40000 add(s) acknowledged (sum +800020000)" in result.stderr
-    assert "slowing down" in result.stderr  # the limit was met, not avoided
     health = server.health()
     assert (health["total"], health["seq"]) == (800020000, 40_000)
     # One connection throughout: never over the server's frame budget (closed with 1008).
     assert len([e for e in server.events if e.get("event") == "conn.opened"]) == 1
+
+
+def test_piped_mode_meets_a_low_rate_limit_and_still_counts_every_add(serve: Any) -> None:
+    # (On a loaded machine the default limit may never be met: this one always is.)
+    server = serve("--memory", "--port", "0", "--rate-limit", "2000")
+    result = run_piped(server.url, "".join(f"{i}\n" for i in range(1, 8_001)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "32004000"
+    assert "slowing down" in result.stderr  # the limit was met, not avoided
+    assert server.health()["seq"] == 8_000
 
 
 def test_a_bare_host_and_port_is_a_ws_url(serve: Any) -> None:
