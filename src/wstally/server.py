@@ -96,9 +96,35 @@ class TallyServer:
     # Lifecycle
 
     async def start(self) -> None:
+        """Listen, open the engine, then serve: in that order, so that a port already taken
+        leaves no database file or lock behind."""
         _raise_fd_limit()
         if self.config.token:
             logsetup.redact(self.config.token)
+        self._set_capacity()
+        try:
+            tls = _tls_context(self.config)
+        except (OSError, ssl.SSLError) as exc:
+            await self.engine.close()
+            raise StartupError(_tls_problem(self.config, exc)) from exc
+        self._server = await self._listen(tls)
+        start = await self._open_engine(self._server)
+        self.hub.reset(start.epoch, start.seq, start.total)
+        self.batcher.start(start.seq, start.total)
+        # The feed runs in an empty context: what it logs is about no connection.
+        self._feed_task = asyncio.get_running_loop().create_task(
+            self._follow(), name="feed", context=contextvars.Context()
+        )
+        await self._server.server.start_serving()
+        self._log_started(start)
+        if self.config.stats_interval > 0:
+            stats = StatsLogger(self.view, self.config.stats_interval)
+            # Its own empty context: no connection's fields on server-wide figures.
+            self._stats_task = asyncio.get_running_loop().create_task(
+                stats.run(), name="stats", context=contextvars.Context()
+            )
+
+    def _set_capacity(self) -> None:
         self.capacity = min(self.config.max_connections, _fd_capacity())
         if self.capacity < self.config.max_connections:
             # Past the fd limit, accept() fails and the loop resets new connections without
@@ -109,16 +135,12 @@ class TallyServer:
                 capacity=self.capacity,
                 fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             )
+
+    async def _listen(self, tls: ssl.SSLContext | None) -> Server:
+        """Bind the port, not serving yet."""
         cfg = self.config
         try:
-            tls = _tls_context(cfg)
-        except (OSError, ssl.SSLError) as exc:
-            await self.engine.close()
-            raise StartupError(_tls_problem(cfg, exc)) from exc
-        # Listen first (not serving yet), then open the engine: a port already taken must
-        # not leave a database file or a lock behind.
-        try:
-            self._server = await serve(
+            return await serve(
                 self.handler.handle,
                 cfg.host,
                 cfg.port,
@@ -145,24 +167,22 @@ class TallyServer:
             await self.engine.close()
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {reason}") from exc
+
+    async def _open_engine(self, server: Server) -> Position:
+        engine = self.engine
         try:
-            start = await self.engine.open()
+            return await engine.open()
         except BaseException as exc:
-            self._server.close()
-            await self.engine.close()
+            server.close()
+            await engine.close()
             if isinstance(exc, EngineError):
-                engine = self.engine
                 raise StartupError(
                     f"cannot open the {engine.name} engine at {engine.description}: {exc.message}"
                 ) from exc
             raise
-        self.hub.reset(start.epoch, start.seq, start.total)
-        self.batcher.start(start.seq, start.total)
-        # The feed runs in an empty context: what it logs is about no connection.
-        self._feed_task = asyncio.get_running_loop().create_task(
-            self._follow(), name="feed", context=contextvars.Context()
-        )
-        await self._server.server.start_serving()
+
+    def _log_started(self, start: Position) -> None:
+        cfg = self.config
         log.info(
             "server.started",
             url=self.url,
@@ -178,12 +198,6 @@ class TallyServer:
             pid=os.getpid(),
             stats_interval=cfg.stats_interval,
         )
-        if cfg.stats_interval > 0:
-            stats = StatsLogger(self.view, cfg.stats_interval)
-            # Its own empty context: no connection's fields on server-wide figures.
-            self._stats_task = asyncio.get_running_loop().create_task(
-                stats.run(), name="stats", context=contextvars.Context()
-            )
 
     @property
     def port(self) -> int:
