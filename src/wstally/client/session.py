@@ -15,13 +15,25 @@ import secrets
 import ssl
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from wstally import protocol
+from wstally.client.events import (
+    Acked,
+    Event,
+    Item,
+    Paced,
+    Presence,
+    Refused,
+    Snapshot,
+    State,
+    Updates,
+)
+from wstally.client.failures import describe, handshake_refusal
 from wstally.client.pacing import Pacer
 from wstally.protocol import (
     SUBPROTOCOL,
@@ -47,86 +59,15 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    seq: int
-    delta: int
-    total: int
-    by: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    epoch: str
-    seq: int
-    total: int
-    clients: int
-    # Set on a reconnect (or resync) in the same history: the seqs we never saw.
-    missed: tuple[int, int] | None = None
-    new_history: bool = False
-    recovered: bool = False  # the server replayed every update we missed
-    replayed: int = 0  # of which this many were missed (0: nothing happened while away)
-
-
-@dataclass(frozen=True, slots=True)
-class Updates:
-    items: tuple[Item, ...]
-    own: frozenset[int]  # seqs among the items that are this session's adds
-
-
-@dataclass(frozen=True, slots=True)
-class Acked:
-    req_id: str
-    delta: int
-    seq: int
-    total: int
-    duplicate: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    code: str
-    message: str
-    req_id: str | None
-    delta: int | None  # None when nothing was given up: the add is resent (or had no id)
-
-
-@dataclass(frozen=True, slots=True)
-class Paced:
-    """The server refused adds as too many per second: they are resent at this pace."""
-
-    rate: float  # adds per second
-
-
-@dataclass(frozen=True, slots=True)
-class Presence:
-    clients: int
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    state: str  # "connecting", "connected", "reconnecting", "closed"
-    retry_in: float | None = None
-    error: str | None = None
-
-
-Event = Snapshot | Updates | Acked | Refused | Paced | Presence | State
-
 T = TypeVar("T")
 
 # Refusals that say "not now" rather than "never": keep the add and resend it.
 TRANSIENT = frozenset({"shutting_down", "store_failed", "rate_limited", "unavailable"})
 RETRY_TRANSIENT = 0.5  # seconds before such an add is sent again (rate_limited: the Pacer)
 
+
 # Handshake refusals that retrying cannot cure (credentials, origin, path), and what they
 # mean; any other 4xx is final too, a 5xx (503: the server is full) is retried.
-REFUSALS = {
-    401: "the server wants a token (pass --token or set WSTALLY_TOKEN)",
-    403: "the server forbids this client",
-    404: "no WebSocket endpoint at this URL",
-}
-
-
 class Session:
     def __init__(
         self,
@@ -228,11 +169,11 @@ class Session:
             try:
                 ws = await self._connect()
             except InvalidStatus as exc:
-                self.error, self.fatal = _handshake_refusal(exc, token=self.headers is not None)
+                self.error, self.fatal = handshake_refusal(exc, token=self.headers is not None)
             except InvalidURI as exc:
                 self.error, self.fatal = f"not a WebSocket URL: {exc}", True
             except (OSError, TimeoutError, InvalidHandshake) as exc:
-                self.error = _describe(exc)
+                self.error = describe(exc)
             else:
                 attempt = 0
                 self.error = await self._connected(ws)
@@ -266,7 +207,7 @@ class Session:
             reason = f" {ws.close_reason}" if ws.close_reason else ""
             return f"server closed the connection ({ws.close_code}{reason})"
         except ConnectionClosed as exc:
-            return _describe(exc)
+            return describe(exc)
         finally:
             self._ws = None
             self.clients = None  # not known again until the next snapshot
@@ -462,32 +403,3 @@ class Session:
 def _printable_name(name: str) -> str:
     # The server refuses names it could not show safely; escape ours so it is accepted.
     return escape_text(name, 32)[:32]
-
-
-def _handshake_refusal(exc: InvalidStatus, token: bool) -> tuple[str, bool]:
-    """What an HTTP answer to the handshake means, and whether it is final."""
-    status = exc.response.status_code
-    body = escape_text(exc.response.body.decode(errors="replace").strip(), 200)
-    detail = f": {body}" if body else ""
-    if status == 401 and token:
-        return f"the server did not accept the token (HTTP 401{detail})", True
-    if status == 503:
-        return f"the server is full (HTTP 503{detail})", False
-    if status in REFUSALS:
-        return f"{REFUSALS[status]} (HTTP {status}{detail})", True
-    if 400 <= status < 500:
-        return f"the server refused the handshake (HTTP {status}{detail})", True
-    return f"the server could not take the connection (HTTP {status}{detail})", False
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionClosed):
-        rcvd = exc.rcvd
-        return (
-            f"connection closed ({rcvd.code} {rcvd.reason})".strip() if rcvd else "connection lost"
-        )
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    return str(exc) or type(exc).__name__
