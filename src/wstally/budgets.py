@@ -38,9 +38,9 @@ class Window:
 
     __slots__ = ("count", "start")
 
-    def __init__(self) -> None:
+    def __init__(self, now: float) -> None:
         self.count = 0
-        self.start = 0.0
+        self.start = now  # not 0: a first crossing must count, not merely reset the window
 
     def over(self, limit: int, clock: Callable[[], float]) -> bool:
         """Count one; True once more than ``limit`` fall within one second."""

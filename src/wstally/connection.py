@@ -102,7 +102,9 @@ class TallyConnection(ServerConnection):
         # A fixed one-second window: one increment and one comparison per frame; the clock
         # is read only when the count passes the limit.
         self._frames = 0
-        self._window = 0.0
+        # The first window starts now: starting it at 0 let a flood's first crossing merely
+        # reset it, so that twice the budget went by before it counted.
+        self._window = self.loop.time()
         self.flooded = False
         protocol = self.protocol
         protocol.parser = _guarded_parse(protocol)

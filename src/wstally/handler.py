@@ -91,11 +91,12 @@ class Handler:
             )
             flow = self.server.flow
             async for message in ws:
+                if ws.protocol.close_sent is not None and ws.protocol.close_rcvd is None:
+                    # We closed it (a flood, an eviction, the shutdown): what it sent after
+                    # cannot be answered, and a flood's queued frames (tens of thousands
+                    # from one read) must not hold the loop. The client knows to resend.
+                    break
                 if self.server.draining:
-                    if ws.protocol.state is not State.OPEN:
-                        # Read after our close frame went out (the close handshake needs
-                        # reading): it cannot be answered; the client knows to resend it.
-                        break
                     # Read while the close is on its way: answered (shutting_down) and
                     # written at once, so that the answer precedes the close frame.
                     self._on_message(peer, message)
@@ -222,7 +223,7 @@ class Handler:
             return
         window = peer.invalid
         if window is None:
-            window = peer.invalid = Window()
+            window = peer.invalid = Window(time.monotonic())
         if not window.over(limit, time.monotonic):
             return
         ws = peer.ws
