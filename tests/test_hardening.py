@@ -446,3 +446,48 @@ async def test_requests_websockets_would_drop_get_an_answer(
     assert (await raw_http(server.port, b"GET /healthz HTTP/1.1\r\n\r\n")).startswith(
         b"HTTP/1.1 200"
     )
+
+
+async def test_a_sender_held_back_by_the_flow_gate_is_not_timed_out(
+    make_server: ServerFactory,
+) -> None:
+    # Its pong waits behind adds the server does not read: that is not a dead peer.
+    store = GatedStore()
+    server = await make_server(
+        store=store, rate_limit=0, frame_limit=0, ping_interval=0.2, ping_timeout=0.3
+    )
+    store.gate.clear()
+    async with connect(server.url, subprotocols=[SUBPROTOCOL], ping_interval=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "hello", "client": "held"}))
+        count = FLOW_HIGH + 20_000
+
+        async def blast() -> None:
+            for n in range(count):
+                await ws.send(f'{{"type":"add","delta":1,"id":"{n}"}}')
+
+        sending = asyncio.create_task(blast())
+        async with asyncio.timeout(within(30)):
+            while not server.flow.blocked:  # noqa: ASYNC110 - polled server state
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(within(1.5))  # five ping timeouts with the gate shut
+        store.gate.set()
+        acks = 0
+        async with asyncio.timeout(within(60)):
+            while acks < count:
+                frame = json.loads(await ws.recv())
+                if frame["type"] == "ack":
+                    acks += 1
+                assert frame["type"] != "error", frame
+        await sending
+    assert server.position.seq == count
+
+
+async def test_a_peer_that_answers_nothing_is_still_timed_out(make_server: ServerFactory) -> None:
+    server = await make_server(memory=True, ping_interval=0.1, ping_timeout=0.2)
+    ws = await connect(server.url, ping_interval=None)
+    ws.transport.pause_reading()  # no pong, and nothing else, ever
+    async with asyncio.timeout(within(5)):
+        while server.hub.clients:  # noqa: ASYNC110 - polled server state
+            await asyncio.sleep(0.05)
+    ws.transport.abort()

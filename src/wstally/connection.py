@@ -8,8 +8,9 @@ already read, and only then send the close frame.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Generator
+from collections.abc import Awaitable, Generator
 from http import HTTPStatus
 from typing import Any
 
@@ -106,9 +107,14 @@ class TallyConnection(ServerConnection):
         # reset it, so that twice the budget went by before it counted.
         self._window = self.loop.time()
         self.flooded = False
+        self._received = 0  # bytes read since the keepalive last looked
         protocol = self.protocol
         protocol.parser = _guarded_parse(protocol)
         next(protocol.parser)
+
+    def data_received(self, data: bytes) -> None:
+        self._received += len(data)
+        super().data_received(data)
 
     def process_event(self, event: Any) -> None:
         super().process_event(event)
@@ -131,6 +137,45 @@ class TallyConnection(ServerConnection):
         self.send_data()
         # The close handshake would wait on a client that is busy flooding: cut it short.
         self.loop.call_later(FLOOD_ABORT, self.transport.abort)
+
+    # Keepalive
+
+    async def keepalive(self) -> None:
+        """websockets' keepalive, except that a connection we are not reading is not dead.
+
+        When commits or broadcasts fall behind, the server stops reading its senders
+        (flow.py): a sender's pong then waits in the socket behind adds we do not read, and
+        websockets would close it with 1011 after --ping-timeout. While reading is paused,
+        or while the peer's data keeps arriving, the wait for the pong starts over; a
+        connection that sends nothing while we read times out as usual.
+        """
+        assert self.ping_interval is not None
+        latency = 0.0
+        try:
+            while True:
+                await asyncio.sleep(self.ping_interval - latency)
+                pong = await self.ping()
+                if self.ping_timeout is not None:
+                    latency = await self._await_pong(pong, self.ping_timeout)
+        except Exception:
+            self.logger.error("keepalive ping failed", exc_info=True)
+
+    async def _await_pong(self, pong: Awaitable[float], patience: float) -> float:
+        pong = asyncio.ensure_future(pong)  # shielded below: a timeout must not cancel it
+        self._received = 0
+        while True:
+            try:
+                async with asyncio.timeout(patience):
+                    return await asyncio.shield(pong)
+            except TimeoutError:
+                # Alive if we hold it (not reading) or it sent us something meanwhile: its
+                # pong is on its way, behind the data we read (or do not) first.
+                received, self._received = self._received, 0
+                if self.transport.is_reading() and not received:
+                    break
+        async with self.send_context():
+            self.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        raise AssertionError("send_context() waits for connection_lost(), which cancels us")
 
     # Shutdown
 
