@@ -484,7 +484,7 @@ async def test_a_sender_held_back_by_the_flow_gate_is_not_timed_out(
 
 
 async def test_a_peer_that_answers_nothing_is_still_timed_out(make_server: ServerFactory) -> None:
-    server = await make_server(memory=True, ping_interval=0.1, ping_timeout=0.2)
+    server = await make_server(memory=True, ping_interval=0.1, ping_timeout=0.2, close_timeout=0.5)
     ws = await connect(server.url, ping_interval=None)
     ws.transport.pause_reading()  # no pong, and nothing else, ever
     async with asyncio.timeout(within(5)):
