@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from wstally import logsetup
 from wstally.engine.base import EngineError, FeedEvent, Position, Published, Result, Submission
-from wstally.store import Store, StoreError
+from wstally.store import SQLiteStore, Store, StoreError
 from wstally.tally import Tally, Update
 
 __all__ = ["CHECK_INTERVAL", "STORE_FAILED", "LocalEngine"]
@@ -45,6 +45,10 @@ class LocalEngine:
             self.description = store.description
         self.tally = Tally(epoch="")
         self._executor: ThreadPoolExecutor | None = None
+        # Replays read through their own connection on their own thread (SQLite's WAL lets
+        # readers run beside the writer): a commit never waits behind a replay's read.
+        self._reader: Store | None = None
+        self._read_executor: ThreadPoolExecutor | None = None
         self._feed: asyncio.Queue[FeedEvent] = asyncio.Queue()
         self._watcher: asyncio.Task[None] | None = None
         # Why commits fail (for /healthz), or None: set by a failed commit or check,
@@ -64,6 +68,7 @@ class LocalEngine:
             # Reads (history) take turns with the commits on the store's one thread.
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wstally-store")
         state = await self._run(self.store.load, self.tally.window)
+        self._open_reader()
         tally = self.tally = Tally(state.epoch, state.seq, state.total)
         for update in state.recent_ids:
             assert update.req_id is not None
@@ -107,7 +112,20 @@ class LocalEngine:
             yield await self._feed.get()
 
     async def history(self, since: int, limit: int) -> list[Update]:
-        return await self._run(self.store.history, since, limit)
+        if self._reader is None or self._read_executor is None:
+            return await self._run(self.store.history, since, limit)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._read_executor, self._reader.history, since, limit)
+
+    def _open_reader(self) -> None:
+        store = self._store
+        if not isinstance(store, SQLiteStore):
+            return
+        try:
+            self._reader = SQLiteStore(store.path, readonly=True)
+        except StoreError:
+            return  # replays then take turns with the commits, as they used to
+        self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wstally-read")
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {"engine": self.name, "store": self.description}
@@ -126,6 +144,10 @@ class LocalEngine:
             self._watcher.cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._read_executor is not None:
+            self._read_executor.shutdown(wait=True)
+        if self._reader is not None:
+            self._reader.close()
         if hasattr(self, "_store"):
             self.store.close()
 
