@@ -27,6 +27,8 @@ log = logsetup.get_logger("wstally.server")
 
 # Close code for a connection that sends frames faster than its budget (protocol.md).
 FLOOD = CloseCode.POLICY_VIOLATION
+# Reads are fed to websockets' parser at most this many bytes at a time (see data_received).
+SLICE = 16 * 1024
 # After the close frame, what a flooder sends is discarded unread (cheap); it gets this long
 # to read the close frame and its reason (on a loaded machine, a second was not always
 # enough), then the connection is cut.
@@ -114,7 +116,19 @@ class TallyConnection(ServerConnection):
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
-        super().data_received(data)
+        if self.flooded:
+            return  # closed for flooding: what it still sends is dropped unparsed
+        if len(data) <= SLICE:
+            super().data_received(data)
+            return
+        # websockets parses (and answers, for pings) every frame of a read before we count
+        # one: a 256 KiB read of pings is 40,000 frames. In slices, a flood is cut within
+        # one slice of crossing its budget.
+        view = memoryview(data)
+        for start in range(0, len(data), SLICE):
+            super().data_received(bytes(view[start : start + SLICE]))
+            if self.flooded:
+                return
 
     def process_event(self, event: Any) -> None:
         super().process_event(event)

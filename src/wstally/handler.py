@@ -22,7 +22,7 @@ from wstally import logsetup, protocol
 from wstally.batcher import Batcher
 from wstally.budgets import TokenBucket, Window
 from wstally.config import ServerConfig
-from wstally.connection import FLOOD, FLOOD_ABORT
+from wstally.connection import FLOOD, FLOOD_ABORT, TallyConnection
 from wstally.endpoints import first_header
 from wstally.engine.base import Submission
 from wstally.flow import Flow
@@ -231,6 +231,8 @@ class Handler:
             log.warning("conn.flood", limit=limit, kind="invalid")
             ws.protocol.fail(FLOOD, f"too many invalid frames: at most {limit} per second")
             ws.send_data()
+            if isinstance(ws, TallyConnection):
+                ws.flooded = True  # what it still sends is dropped unparsed
             asyncio.get_running_loop().call_later(FLOOD_ABORT, ws.transport.abort)
 
     def refuse(self, peer: Peer, code: str, message: str, req_id: str | None, raw: str) -> None:
