@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from helpers import GatedStore, JsonClient, ServerFactory, http_get, within
 from servers import ServeProcess
@@ -320,6 +320,60 @@ async def test_a_frame_flood_is_closed_with_1008(
     assert (await honest.add(2, "still-here"))["type"] == "ack"
     await honest.close()
     assert server.event("conn.flood")["limit"] > 0
+
+
+async def flood_until_closed(url: str, source: str) -> int | None:
+    """Pings from ``source`` as fast as websockets sends them, until the server closes
+    the connection; the close code it sent."""
+    options: dict[str, Any] = {"local_addr": (source, 0)}
+    async with connect(url, ping_interval=None, max_queue=None, **options) as flooder:
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(within(20)):
+                while True:
+                    for _ in range(200):
+                        await flooder.ping()
+                    await asyncio.sleep(0)
+    return None if closed.value.rcvd is None else closed.value.rcvd.code
+
+
+async def test_an_address_that_flooded_waits_before_connecting_again(
+    make_server: ServerFactory,
+) -> None:
+    # Only the flooding address waits (127.0.0.2: all of 127/8 is loopback); others do not.
+    server = await make_server(memory=True, flood_ban=within(1))
+    attacker: dict[str, Any] = {"local_addr": ("127.0.0.2", 0)}
+    assert await flood_until_closed(server.url, "127.0.0.2") == 1008
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(server.url, open_timeout=within(5), **attacker)
+    response = refused.value.response
+    assert response.status_code == 429
+    assert 1 <= int(response.headers["Retry-After"]) <= 2
+    assert b"this address flooded" in response.body
+    async with connect(server.url) as other:  # 127.0.0.1 is not refused
+        await other.send("3")
+        assert await other.recv() == "Server records total=3"
+    # Once the ban is over, the address connects again; a second flood doubles the ban.
+    await asyncio.sleep(within(1))
+    assert await flood_until_closed(server.url, "127.0.0.2") == 1008
+    await asyncio.sleep(within(1))  # half of the second ban
+    with pytest.raises(InvalidStatus):
+        await connect(server.url, open_timeout=within(5), **attacker)
+    await asyncio.sleep(within(1.2))
+    async with connect(server.url, **attacker) as again:
+        await again.send("4")
+        assert await again.recv() == "Server records total=7"
+
+
+def test_penalties_double_and_are_forgotten() -> None:
+    from wstally.penalty import FORGET_AFTER, MAX_BAN, Penalties
+
+    box = Penalties(first=1.0)
+    assert box.refused_for("a", 0.0) == 0.0
+    assert [box.strike("a", t) for t in (0.0, 1.0, 3.0)] == [1.0, 2.0, 4.0]
+    assert box.refused_for("a", 5.0) == 2.0
+    assert box.refused_for("b", 5.0) == 0.0
+    assert max(box.strike("a", 10.0 + n) for n in range(20)) == MAX_BAN
+    assert box.strike("a", 100.0 + MAX_BAN + FORGET_AFTER + 1) == 1.0
 
 
 # 6. SIGTERM answers every add it read.

@@ -40,6 +40,9 @@ class ServerConfig:
     frame_limit: int = 20_000
     # Malformed frames per second per connection (each costs an error frame); past it: 1008.
     invalid_limit: int = 100
+    # Seconds an address that flooded is refused new connections (429), doubling at each
+    # repeat (penalty.py); 0: never. Behind a proxy every client shares its address: 0 there.
+    flood_ban: float = 1.0
     # Several nodes, one total: the shared Redis engine instead of the local store.
     redis: str | None = None
     redis_prefix: str = "wstally"

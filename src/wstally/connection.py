@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Generator
 from http import HTTPStatus
+from math import ceil
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -20,6 +21,7 @@ from websockets.frames import CloseCode, Frame
 from websockets.server import ServerProtocol
 
 from wstally import logsetup
+from wstally.penalty import Penalties
 
 __all__ = ["FLOOD", "FLOOD_ABORT", "TallyConnection", "connection_class"]
 
@@ -58,9 +60,10 @@ def request_problem(buffer: bytes) -> tuple[HTTPStatus, str] | None:
     return None
 
 
-def _guarded_parse(protocol: ServerProtocol) -> Generator[None]:
+def _guarded_parse(protocol: ServerProtocol, banned: float = 0.0) -> Generator[None]:
     """websockets' request parser, after a look at the whole head: a request it would drop
-    silently (a POST, bare LF line ends) gets a 4xx answer instead."""
+    silently (a POST, bare LF line ends) gets a 4xx answer instead, and an address that
+    flooded (``banned`` seconds to go, penalty.py) a 429 with Retry-After."""
     reader = protocol.reader
     while (
         b"\n\n" not in reader.buffer
@@ -69,6 +72,14 @@ def _guarded_parse(protocol: ServerProtocol) -> Generator[None]:
         and len(reader.buffer) <= MAX_HEAD
     ):
         yield
+    if banned:
+        text = f"Too many requests: this address flooded; try again in {ceil(banned)} s\n"
+        protocol.handshake_exc = InvalidMessage(f"refused: {text}")
+        response = protocol.reject(HTTPStatus.TOO_MANY_REQUESTS, text)
+        response.headers["Retry-After"] = str(ceil(banned))
+        protocol.send_response(response)
+        yield
+        return
     problem = request_problem(bytes(reader.buffer[:MAX_HEAD]))
     if problem is None:
         end = reader.buffer.find(b"\r\n\r\n") + 4
@@ -99,6 +110,8 @@ class TallyConnection(ServerConnection):
     # Frames per second a connection may send, every kind counted (text, binary, ping,
     # pong, continuation); 0 disables the budget. Set on a subclass per server.
     frame_limit = 0
+    # Addresses that flooded, shared by the server's connections; None: no penalties.
+    penalties: Penalties | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -110,9 +123,21 @@ class TallyConnection(ServerConnection):
         self._window = self.loop.time()
         self.flooded = False
         self._received = 0  # bytes read since the keepalive last looked
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
         protocol = self.protocol
-        protocol.parser = _guarded_parse(protocol)
+        protocol.parser = _guarded_parse(protocol, self._banned())
         next(protocol.parser)
+
+    def _address(self) -> str:
+        peer = self.transport.get_extra_info("peername")
+        return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+    def _banned(self) -> float:
+        if self.penalties is None:
+            return 0.0
+        return self.penalties.refused_for(self._address(), self.loop.time())
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
@@ -143,11 +168,19 @@ class TallyConnection(ServerConnection):
             self._window = now
             self._frames = 1
             return
-        if self.flooded:
+        limit = self.frame_limit
+        self.close_for_flood(f"too many frames: at most {limit} per second", limit, "frames")
+
+    def close_for_flood(self, reason: str, limit: int, kind: str) -> None:
+        """Close with 1008 and ``reason``; its address waits before connecting again."""
+        if self.flooded or self.protocol.state.name != "OPEN":
             return
-        self.flooded = True
-        log.warning("conn.flood", conn=logsetup.conn_id(self), limit=self.frame_limit)
-        self.protocol.fail(FLOOD, f"too many frames: at most {self.frame_limit} per second")
+        self.flooded = True  # what it still sends is dropped unparsed
+        ban = 0.0
+        if self.penalties is not None:
+            ban = self.penalties.strike(self._address(), self.loop.time())
+        log.warning("conn.flood", conn=logsetup.conn_id(self), limit=limit, kind=kind, ban_s=ban)
+        self.protocol.fail(FLOOD, reason)
         self.send_data()
         # The close handshake would wait on a client that is busy flooding: cut it short.
         self.loop.call_later(FLOOD_ABORT, self.transport.abort)
@@ -212,6 +245,7 @@ class TallyConnection(ServerConnection):
         return len(self.recv_messages.frames)
 
 
-def connection_class(frame_limit: int) -> type[TallyConnection]:
-    """A connection class with this server's frame budget."""
-    return type("TallyConnection", (TallyConnection,), {"frame_limit": frame_limit})
+def connection_class(frame_limit: int, penalties: Penalties | None) -> type[TallyConnection]:
+    """A connection class with this server's frame budget and flood penalties."""
+    fields = {"frame_limit": frame_limit, "penalties": penalties}
+    return type("TallyConnection", (TallyConnection,), fields)

@@ -16,13 +16,12 @@ from typing import Protocol
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
 from wstally import logsetup, protocol
 from wstally.batcher import Batcher
 from wstally.budgets import TokenBucket, Window
 from wstally.config import ServerConfig
-from wstally.connection import FLOOD, FLOOD_ABORT, TallyConnection
+from wstally.connection import TallyConnection
 from wstally.endpoints import first_header
 from wstally.engine.base import Submission
 from wstally.flow import Flow
@@ -227,13 +226,8 @@ class Handler:
         if not window.over(limit, time.monotonic):
             return
         ws = peer.ws
-        if ws.protocol.state is State.OPEN:
-            log.warning("conn.flood", limit=limit, kind="invalid")
-            ws.protocol.fail(FLOOD, f"too many invalid frames: at most {limit} per second")
-            ws.send_data()
-            if isinstance(ws, TallyConnection):
-                ws.flooded = True  # what it still sends is dropped unparsed
-            asyncio.get_running_loop().call_later(FLOOD_ABORT, ws.transport.abort)
+        assert isinstance(ws, TallyConnection)  # the server's connection class
+        ws.close_for_flood(f"too many invalid frames: at most {limit} per second", limit, "invalid")
 
     def refuse(self, peer: Peer, code: str, message: str, req_id: str | None, raw: str) -> None:
         peer.refused += 1

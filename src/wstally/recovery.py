@@ -10,6 +10,9 @@ nothing once made everyone else's acks take seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import time
 
 from websockets.protocol import State
 
@@ -18,7 +21,7 @@ from wstally.engine.base import Engine
 from wstally.hub import Hub, Peer, Phase
 from wstally.metrics import Tallies
 
-__all__ = ["CHUNK", "MAX_RECOVERY", "MAX_REPLAYS", "Recovery"]
+__all__ = ["CHUNK", "MAX_RECOVERY", "MAX_REPLAYS", "REPLAY_SHARE", "REPLAY_SNDBUF", "Recovery"]
 
 log = logsetup.get_logger("wstally.server")
 
@@ -30,6 +33,15 @@ CHUNK = protocol.UPDATES_PER_FRAME
 # Replays read the store and encode on the loop: at most this many at once, so that many
 # clients asking for 100,000 updates each cannot crowd out the commits (and so the acks).
 MAX_REPLAYS = 2
+# ... and all of them together take at most this share of the loop's time: 600 clients
+# asking for 100,000 updates each once kept the loop busy encoding, and others' acks 14x
+# slower. An honest 100,000-update replay still takes only seconds.
+REPLAY_SHARE = 0.25
+# A replaying connection's kernel send buffer (Linux doubles it): left to autotuning, the
+# kernel took ~1 MB of a client that reads nothing before the server's own buffer (which
+# pauses and evicts it) saw a byte. Restored to AFTER_REPLAY_SNDBUF once live.
+REPLAY_SNDBUF = 32 * 1024
+AFTER_REPLAY_SNDBUF = 1024 * 1024
 
 
 class Recovery:
@@ -38,6 +50,8 @@ class Recovery:
         self.engine = engine
         self.tallies = tallies
         self._replays = asyncio.Semaphore(MAX_REPLAYS)
+        # Loop time before which no replay step may start (REPLAY_SHARE's accounting).
+        self._next_step = 0.0
 
     async def recover(self, peer: Peer, since: int, epoch: str) -> None:
         """Send a returning client every update it missed, then a snapshot, then live.
@@ -54,11 +68,13 @@ class Recovery:
         if hub.seq - since > MAX_RECOVERY:
             return self._not_recovered(peer, since, f"more than {MAX_RECOVERY} updates behind")
         hub.begin_replay(peer)
+        _send_buffer(peer, REPLAY_SNDBUF)
         try:
             await self._replay(peer, since)
         finally:
             if peer.phase is not Phase.LIVE:  # cancelled (shutdown), or the client left
                 hub.go_live(peer, recovered=False, reason="replay interrupted")
+            _send_buffer(peer, AFTER_REPLAY_SNDBUF)
 
     async def _replay(self, peer: Peer, since: int) -> None:
         hub = self.hub
@@ -72,6 +88,8 @@ class Recovery:
             # Reading and encoding are bounded (MAX_REPLAYS at once); waiting for a client
             # to read is not, so a client that never reads cannot hold up anyone's replay.
             async with self._replays:
+                await self._take_turn()
+                started = time.perf_counter()
                 try:
                     batch = await self.engine.history(cursor, min(hub.seq - cursor, CHUNK))
                 except Exception as exc:
@@ -93,14 +111,33 @@ class Recovery:
                 # replay also waits for its client sooner (at a quarter of the limit), as
                 # it could otherwise fill the buffer of a client that reads nothing.
                 hub.flush_own(peer, limit=hub.resume_below)
+                self._spent(time.perf_counter() - started)
             if peer.lagging:
                 await hub.until_drained(peer)
         hub.go_live(peer, recovered=True)
         self.tallies.replays["recovered"] += 1
         log.info("conn.recovered", since=since, updates=replayed, seq=hub.seq)
 
+    async def _take_turn(self) -> None:
+        wait = self._next_step - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _spent(self, seconds: float) -> None:
+        """A step took ``seconds`` (wall time: the read's thread competes for the GIL too);
+        the next may start once the others have had their share of the loop."""
+        now = asyncio.get_running_loop().time()
+        self._next_step = max(self._next_step, now) + seconds * (1 / REPLAY_SHARE - 1)
+
     def _not_recovered(self, peer: Peer, since: int, reason: str) -> None:
         self.tallies.replays["not_recovered"] += 1
         # The snapshot is the current position: live updates continue from it.
         self.hub.go_live(peer, recovered=False, reason=reason)
         log.info("conn.not_recovered", since=since, reason=reason, seq=self.hub.seq)
+
+
+def _send_buffer(peer: Peer, size: int) -> None:
+    sock = peer.ws.transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # closed meanwhile: nothing to size
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)

@@ -37,6 +37,7 @@ from wstally.flow import Flow
 from wstally.handler import Handler, resynced
 from wstally.hub import Hub
 from wstally.metrics import Tallies
+from wstally.penalty import Penalties
 from wstally.protocol import SUBPROTOCOL
 from wstally.recovery import Recovery
 from wstally.stats import StatsLogger
@@ -150,7 +151,9 @@ class TallyServer:
                 subprotocols=[Subprotocol(SUBPROTOCOL)],
                 select_subprotocol=select_subprotocol,
                 process_request=self.endpoints.process_request,
-                create_connection=connection_class(cfg.frame_limit),
+                create_connection=connection_class(
+                    cfg.frame_limit, Penalties(cfg.flood_ban) if cfg.flood_ban else None
+                ),
                 compression="deflate" if cfg.compression else None,
                 max_size=protocol.MAX_FRAME,
                 ping_interval=cfg.ping_interval,
