@@ -343,10 +343,9 @@ async def test_ids_leave_the_window_and_the_stream_is_trimmed(
     for n in range(100):
         await engine.submit([add(1, f"s{n}-{k}", client="c") for k in range(5)])
     assert await inspect.hlen(IDS) <= 3 + 5
-    kept = await inspect.xlen(LOG)
-    assert 10 <= kept < 300
+    assert await inspect.xlen(LOG) < 60  # one entry per batch: 5 updates each
     history = await engine.history(0, 1000)
-    assert len(history) == kept
+    assert 10 <= len(history) < 300
     assert history[-1].seq == 506
     assert_gapless(history, first=history[0].seq)
 
@@ -560,7 +559,7 @@ async def test_a_batch_cut_off_is_resent_and_applied_once(
         (4, 61),
     ]
     assert await inspect.hget(META, "seq") == "4"
-    assert await inspect.xlen(LOG) == 4
+    assert await inspect.xlen(LOG) == 2  # one entry per batch, the resend added none
     updates = await reader.until_seq(4)
     assert_gapless(updates)
     assert len(updates) == 4

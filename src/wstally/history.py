@@ -192,7 +192,7 @@ def _entry_rows(entries: Iterable[Entry], epoch: str, found: list[str]) -> Itera
                 f"not the meta hash's {escape_text(epoch, limit=None)}"
             )
             return
-        if type(seq) is int and entry.id != f"{seq}-0":
+        if entry.last and type(seq) is int and entry.id != f"{seq}-0":
             shown = escape_text(entry.id, limit=None)
             found.append(f"seq {seq}: stored under the entry id {shown}, not {seq}-0")
             return

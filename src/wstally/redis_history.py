@@ -21,7 +21,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from wstally.engine.redis import entry_row, history_keys, redact_url
+from wstally.engine.redis import entry_rows, history_keys, redact_url
 from wstally.store import ROW_COLUMNS, StoreError
 
 __all__ = ["CHUNK", "Entry", "RedisHistory"]
@@ -29,22 +29,26 @@ __all__ = ["CHUNK", "Entry", "RedisHistory"]
 # Entries per XRANGE: about a millisecond of Redis's time, so nodes writing beside the
 # reader are never held up for long.
 CHUNK = 1000
-_CLIENT, _NAME = ROW_COLUMNS.index("client"), ROW_COLUMNS.index("name")
+_SEQ, _CLIENT, _NAME = (ROW_COLUMNS.index(c) for c in ("seq", "client", "name"))
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stream entry as found: its id, its epoch, its update as a stored row."""
+    """One update of a stream entry as found: the entry's id and epoch, the update as a
+    stored row, and whether it is the entry's last (whose seq the entry id must carry)."""
 
     id: str
     epoch: str | None
     row: tuple[Any, ...]
+    last: bool = True
 
     @classmethod
-    def read(cls, raw: Any) -> Entry:
+    def read(cls, raw: Any) -> list[Entry]:
+        """The updates of one stream entry (one per batch), oldest first."""
         entry_id, fields = raw
-        epoch, row = entry_row(fields)
-        return cls(entry_id, epoch, row)
+        epoch, rows = entry_rows(fields)
+        final = len(rows) - 1
+        return [cls(entry_id, epoch, row, i == final) for i, row in enumerate(rows)]
 
 
 def _raw(response: Any, **_options: Any) -> Any:
@@ -112,7 +116,9 @@ class RedisHistory:
         # The last N: read backwards from the newest and stop after N, not through it all.
         entries = self._entries(since) if tail is None else self._entries_back("+", since)
         rows = (
-            e.row for e in entries if client is None or client in (e.row[_CLIENT], e.row[_NAME])
+            e.row
+            for e in entries
+            if (client is None or client in (e.row[_CLIENT], e.row[_NAME])) and _after_seq(e, since)
         )
         if tail is None:
             yield from rows
@@ -127,7 +133,8 @@ class RedisHistory:
         end, start = newest[0][0], _after(since)
         while True:
             chunk: list[Any] = self._call(self._redis.xrange, self.log_key, start, end, self.chunk)
-            yield from map(Entry.read, chunk)
+            for raw in chunk:
+                yield from Entry.read(raw)
             if len(chunk) < self.chunk:
                 return
             start = "(" + chunk[-1][0]
@@ -138,7 +145,8 @@ class RedisHistory:
             chunk: list[Any] = self._call(
                 self._redis.xrevrange, self.log_key, end, _after(since), self.chunk
             )
-            yield from map(Entry.read, chunk)
+            for raw in chunk:
+                yield from reversed(Entry.read(raw))
             if len(chunk) < self.chunk:
                 return
             end = "(" + chunk[-1][0]
@@ -153,7 +161,7 @@ class RedisHistory:
             first, meta = self._call(pipe.execute)
         if not meta and not first:
             raise self._missing()
-        entries = [Entry.read(raw) for raw in first]
+        entries = [entry for raw in first for entry in reversed(Entry.read(raw))]
         if len(first) == self.chunk:
             entries += self._entries_back("(" + first[-1][0], 0)
         entries.reverse()
@@ -161,6 +169,13 @@ class RedisHistory:
 
     def close(self) -> None:
         self._redis.close()
+
+
+def _after_seq(entry: Entry, since: int) -> bool:
+    # A batch entry is stored under its last seq: the first one read may begin at or
+    # before ``since``.
+    seq = entry.row[_SEQ]
+    return type(seq) is not int or seq > since
 
 
 def _after(since: int) -> str:

@@ -5,20 +5,21 @@ Redis Cluster puts them in one slot)::
 
     {prefix}:meta        hash: epoch, seq, total (kept by HINCRBY: exact int64, refuses
                          overflow), pruned (the last seq whose id left the dedup window)
-    {prefix}:log         stream, one entry per applied update, entry id "<seq>-0", fields
-                         e (epoch), s (seq), d (delta), t (total), k (the dedup key, "" for
-                         an add without id), p (JSON [at, conn, client, name, req_id]);
-                         every entry has the same fields, whose names Redis then stores
-                         once per stream node
+    {prefix}:log         stream, one entry per batch (its applied updates), entry id
+                         "<last seq>-0", fields e (epoch), u (JSON, one item per update:
+                         [seq, delta, total, at, conn, client, name, req_id]), k (the
+                         batch's dedup keys, each as "<len>:<key>"); an entry of one update
+                         with fields e, s, d, t, k, p (older versions) is still read
     {prefix}:ids         hash: dedup key "<len(scope)>:<scope><req_id>" -> "<seq> <total>",
                          for the ids of the last ``window`` updates (``dedup_scope``)
     {prefix}:node:<node> hash: session, counter, reply: this node's last batch and its
                          reply (expires 5 minutes after the node's last batch)
 
 **Batches.** One script per batch checks the epoch, answers duplicates from the ids hash,
-adds each delta with HINCRBY (an overflow refuses that add only), appends the update to the
-stream, forgets ids that left the window (read back from the stream entries leaving it) and
-trims the stream to ``max(keep, window)`` updates or a little more. A script has no rollback,
+adds each delta with HINCRBY (an overflow refuses that add only), appends the batch's
+updates to the stream as one entry (so that XADD, each follower's XREAD and its decoding
+are paid per batch, not per update), forgets ids that left the window (read back from the
+stream entries leaving it) and trims the stream to ``max(keep, window)`` updates or a little more. A script has no rollback,
 so nothing in it can fail half-way by design: errors are caught with ``redis.pcall`` or ruled
 out before the first write, and the ``#!lua`` shebang makes Redis refuse the whole script up
 front (instead of one command half-way) when it is out of memory.
@@ -43,7 +44,8 @@ the feed's consumer has taken that ``Reset`` do batches apply to the new history
 feed running, the next batch does): an ack never refers to a history the hub has not seen.
 
 **Feed.** A follower task on its own connection reads the stream with ``XREAD BLOCK`` from
-the last seq it saw, checks that each entry continues the previous one (same epoch, seq + 1)
+the last seq it saw, checks that each entry continues the previous one (same epoch, its
+first seq the last one seen + 1)
 and hands ``Published`` chunks to the feed. An entry of another epoch, or a seq that skips
 entries trimmed away meanwhile, turns into ``Reset``. Entries of a new history at or below
 the last id read are invisible to XREAD, so whenever the stream is idle (each block timeout),
@@ -66,6 +68,6 @@ One module per concern, each leaning only on those listed before it:
 from __future__ import annotations
 
 from wstally.engine.redis.engine import RedisEngine, durability_risks, redact_url
-from wstally.engine.redis.entries import entry_row, history_keys
+from wstally.engine.redis.entries import entry_rows, history_keys
 
-__all__ = ["RedisEngine", "durability_risks", "entry_row", "history_keys", "redact_url"]
+__all__ = ["RedisEngine", "durability_risks", "entry_rows", "history_keys", "redact_url"]

@@ -346,20 +346,22 @@ class RedisEngine:
         assert redis is not None
         updates: list[Update] = []
         while len(updates) < limit:
+            # Each entry holds at least one update: never more entries than updates wanted.
             count = min(CHUNK, limit - len(updates))
 
             async def chunk(start: int = start, count: int = count) -> Any:
+                # An entry is stored under its last seq: the first may begin before start.
                 return await redis.xrange(self.keys[1], str(start), "+", count)
 
             rows = await self._retrying(chunk)
             for _id, f in rows:
                 if f[1] != self._epoch:
                     return updates  # a history the feed has not announced yet
-                updates.append(decode(f))
+                updates += [u for u in decode(f) if u.seq >= start]
             if len(rows) < count:
                 break
             start = updates[-1].seq + 1
-        return updates
+        return updates[:limit]
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = {

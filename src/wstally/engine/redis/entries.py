@@ -16,7 +16,7 @@ from wstally.engine.base import Result, Submission
 from wstally.store.base import ROW_COLUMNS
 from wstally.tally import Duplicate, Refused, Update, dedup_scope
 
-__all__ = ["decode", "encode", "entry_row", "history_keys", "results"]
+__all__ = ["decode", "encode", "entry_rows", "history_keys", "results"]
 
 # A stream entry's payload: [at, conn, client, name, req_id] (null for None). JSON keeps
 # None apart from "", floats exact (repr), and packs five fields into one for Redis.
@@ -38,14 +38,27 @@ _UPDATE_FIELDS = tuple(field.name for field in dataclasses.fields(Update))
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
-def entry_row(fields: Sequence[str]) -> tuple[str | None, tuple[Any, ...]]:
-    """A stream entry's epoch and its update as a stored row (``store.ROW_COLUMNS``).
+def entry_rows(fields: Sequence[str]) -> tuple[str | None, list[tuple[Any, ...]]]:
+    """A stream entry's epoch and its updates as stored rows (``store.ROW_COLUMNS``).
 
     Read by field name and without trusting the values, unlike the feed's decoding: a number
-    that is not one stays text, a missing field or payload item is None. ``wstally history
+    that is not one stays as found, a missing field or item is None. ``wstally history
     --verify`` can then name what is wrong with an entry instead of failing on it.
     """
     named = dict(zip(fields[::2], fields[1::2], strict=False))
+    if "u" not in named:
+        return named.get("e"), [_single_row(named)]
+    try:
+        items = json.loads(named["u"])
+    except ValueError:
+        items = None
+    if not isinstance(items, list) or not items:
+        items = [None]
+    return named.get("e"), [_batch_row(item) for item in items]
+
+
+def _single_row(named: dict[str, str]) -> tuple[Any, ...]:
+    # An entry of one update, as versions before batch entries wrote them.
     try:
         payload = json.loads(named.get("p", ""))
     except ValueError:
@@ -54,7 +67,14 @@ def entry_row(fields: Sequence[str]) -> tuple[str | None, tuple[Any, ...]]:
         payload = [None] * (len(_UPDATE_FIELDS) - 3)
     numbers = [_stored_int(named.get(name)) for name in ("s", "d", "t")]
     values = dict(zip(_UPDATE_FIELDS, (*numbers, *payload), strict=True))
-    return named.get("e"), tuple(values[column] for column in ROW_COLUMNS)
+    return tuple(values[column] for column in ROW_COLUMNS)
+
+
+def _batch_row(item: Any) -> tuple[Any, ...]:
+    if not isinstance(item, list) or len(item) != len(_UPDATE_FIELDS):
+        item = [None] * len(_UPDATE_FIELDS)
+    values = dict(zip(_UPDATE_FIELDS, item, strict=True))
+    return tuple(values[column] for column in ROW_COLUMNS)
 
 
 def _stored_int(text: str | None) -> int | str | None:
@@ -62,10 +82,14 @@ def _stored_int(text: str | None) -> int | str | None:
     return int(text) if text is not None and _INTEGER.fullmatch(text) else text
 
 
-def decode(f: Sequence[str]) -> Update:
-    """An update from a stream entry's field list (fields in the order the script wrote)."""
+def decode(f: Sequence[str]) -> list[Update]:
+    """The updates of a stream entry's field list (fields in the order the script wrote)."""
+    if f[2] == "u":
+        # One JSON array per batch, parsed in C; its items are Update's fields in order.
+        return [Update(*item) for item in _scan(f[3], 0)[0]]
+    # An entry of one update, as versions before batch entries wrote them.
     at, conn, client, name, req_id = _scan(f[11], 0)[0]
-    return Update(int(f[3]), int(f[5]), int(f[7]), at, conn, client, name, req_id)
+    return [Update(int(f[3]), int(f[5]), int(f[7]), at, conn, client, name, req_id)]
 
 
 def encode(batch: Sequence[Submission]) -> list[Any]:

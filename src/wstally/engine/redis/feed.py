@@ -125,21 +125,22 @@ class Follower:
     async def _publish(self, entries: list[Any]) -> None:
         updates: list[Update] = []
         for _id, f in entries:
-            seq = int(f[3])
-            if f[1] != self.epoch or seq != self.seq + 1:
+            batch = decode(f)
+            head = batch[0]
+            if f[1] != self.epoch or head.seq != self.seq + 1:
                 if updates:
                     await self._emit(Published(updates))
                     updates = []
-                before = Position(f[1], seq - 1, int(f[7]) - int(f[5]))
+                before = Position(f[1], head.seq - 1, head.total - head.delta)
                 reason = (
                     "Redis holds a new history"
                     if f[1] != self.epoch
-                    else f"updates {self.seq + 1} to {seq - 1} are no longer kept"
+                    else f"updates {self.seq + 1} to {head.seq - 1} are no longer kept"
                 )
                 await self._reset(before, reason)
-            update = decode(f)
-            updates.append(update)
-            self.seq, self.total = update.seq, update.total
+            updates += batch
+            last = batch[-1]
+            self.seq, self.total = last.seq, last.total
         if updates:
             await self._emit(Published(updates))
 

@@ -63,8 +63,28 @@ local function exact_total(n)
   return redis.call('HGET', meta, 'total')
 end
 
+-- The dedup keys an entry holds: a batch entry packs them as "<len>:<key>" one after the
+-- other (any character may occur in a key); an entry of one update (as older versions
+-- wrote) has its key in field k.
+local function entry_keys(f, dead)
+  if f[3] ~= 'u' then
+    if f[10] and f[10] ~= '' then dead[#dead + 1] = f[10] end
+    return
+  end
+  local packed, pos = f[6] or '', 1
+  while pos <= #packed do
+    local colon = string.find(packed, ':', pos, true)
+    local n = colon and tonumber(string.sub(packed, pos, colon - 1))
+    if not n or n < 1 then return end  -- not written by this script: never loop on it
+    dead[#dead + 1] = string.sub(packed, colon + 1, colon + n)
+    pos = colon + n + 1
+  end
+end
+
 -- Forget the ids of updates that left the window, read from their stream entries; at most
--- `budget` updates per batch so that a smaller window never makes one script long.
+-- `budget` updates per batch so that a smaller window never makes one script long. An entry
+-- is keyed by its last seq: one that straddles the horizon waits for a later batch, so ids
+-- stay a little longer than the window, never shorter.
 local function forget(seq, window, pruned, budget)
   local horizon = math.min(seq - window, pruned + budget)
   if horizon <= pruned then return pruned end
@@ -72,11 +92,8 @@ local function forget(seq, window, pruned, budget)
                           string.format('%d', horizon))
   local dead = {}
   for _, row in ipairs(rows) do
-    local key = row[2][10]
-    if key ~= '' then
-      dead[#dead + 1] = key
-      if #dead == 1000 then redis.call('HDEL', ids, unpack(dead)); dead = {} end
-    end
+    entry_keys(row[2], dead)
+    if #dead >= 1000 then redis.call('HDEL', ids, unpack(dead)); dead = {} end
   end
   if #dead > 0 then redis.call('HDEL', ids, unpack(dead)) end
   redis.call('HSET', meta, 'pruned', string.format('%d', horizon))
@@ -100,7 +117,7 @@ if seq + (#ARGV - 7) / 3 >= EXACT then
   return redis.error_reply('seq would pass 2^53, beyond what this script counts exactly')
 end
 
-local out = {}
+local out, items, keys = {}, {}, {}
 for a = 8, #ARGV, 3 do
   local delta, key = ARGV[a], ARGV[a + 1]
   local seen = false
@@ -109,6 +126,7 @@ for a = 8, #ARGV, 3 do
     out[#out + 1] = 'd ' .. seen
   else
     -- HINCRBY refuses without writing: an overflowing total, or a delta that is no int64.
+    -- What it accepts is a canonical integer (no sign, no leading zero), valid JSON as is.
     local total = redis.pcall('HINCRBY', meta, 'total', delta)
     if type(total) == 'table' then
       if string.find(total.err, 'overflow', 1, true) then out[#out + 1] = 'o'
@@ -116,16 +134,25 @@ for a = 8, #ARGV, 3 do
     else
       seq = seq + 1
       local s, t = string.format('%d', seq), exact_total(total)
-      redis.call('XADD', log, s .. '-0', 'e', epoch, 's', s, 'd', delta, 't', t,
-                 'k', key, 'p', ARGV[a + 2])
-      if key ~= '' then redis.call('HSET', ids, key, s .. ' ' .. t) end
+      -- [seq, delta, total, at, conn, client, name, req_id]: the payload is a JSON array
+      -- of the last five, so its "[" gives way to the first three.
+      items[#items + 1] = '[' .. s .. ',' .. delta .. ',' .. t .. ',' .. string.sub(ARGV[a + 2], 2)
+      if key ~= '' then
+        redis.call('HSET', ids, key, s .. ' ' .. t)
+        keys[#keys + 1] = #key .. ':' .. key
+      end
       out[#out + 1] = 'u ' .. s .. ' ' .. t
     end
   end
 end
 
 if seq > first then
-  redis.call('HSET', meta, 'seq', string.format('%d', seq))
+  -- One entry per batch, under its last seq: XADD, every follower's XREAD and its decoding
+  -- are paid once per batch instead of once per update.
+  local s = string.format('%d', seq)
+  redis.call('XADD', log, s .. '-0', 'e', epoch, 'u', '[' .. table.concat(items, ',') .. ']',
+             'k', table.concat(keys))
+  redis.call('HSET', meta, 'seq', s)
   local pruned = forget(seq, tonumber(ARGV[3]), tonumber(state[3] or '0'), 2 * (seq - first) + 100)
   -- Keep `keep` updates, and every update whose id is still remembered (forget reads them).
   local minid = math.min(seq - tonumber(ARGV[4]), pruned) + 1
