@@ -11,6 +11,7 @@ import contextlib
 import io
 import itertools
 import os
+import random
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -329,6 +330,31 @@ async def test_duplicate_from_another_node_gets_the_original_result(
     ]
     # A client named like a connection scope does not share that connection's ids.
     assert seqs(await a.submit([add(1, "r2", client="c-a", conn="c-x")])) == [6]
+
+
+async def test_totals_stay_exact_across_2_53_where_lua_stops_adding(
+    engines: EngineFactory, inspect: Redis
+) -> None:
+    # The script adds small deltas itself while the total is exact as a Lua double (below
+    # 2^53) and hands the rest to HINCRBY: the totals must not tell which did the adding.
+    engine = await engines()
+    exact = 2**53
+    deltas = [exact - 3, 1, 1, 1, 1, 10**15, -(10**15), -2, -3, 5, -(exact + 5), 0, -1]
+    rng = random.Random(53)
+    deltas += [rng.choice([1, -1, 7, 10**14, -(10**14), exact, -exact, 2**62]) for _ in range(300)]
+    expected: list[int | None] = []
+    total = 0
+    for delta in deltas:
+        fits = INT64_MIN <= total + delta <= INT64_MAX
+        expected.append(total + delta if fits else None)
+        total = total + delta if fits else total
+    results: list[Any] = []
+    for start in range(0, len(deltas), 37):
+        results += await engine.submit([add(d) for d in deltas[start : start + 37]])
+    assert [getattr(r, "total", None) for r in results] == expected
+    assert await inspect.hget(META, "total") == str(total)
+    applied = [r for r in results if isinstance(r, Update)]
+    assert await engine.history(0, 1000) == applied
 
 
 async def test_ids_leave_the_window_and_the_stream_is_trimmed(

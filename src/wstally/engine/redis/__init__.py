@@ -3,8 +3,8 @@
 Every node shares one history kept in Redis, under keys that share one hash tag (so that a
 Redis Cluster puts them in one slot)::
 
-    {prefix}:meta        hash: epoch, seq, total (kept by HINCRBY: exact int64, refuses
-                         overflow), pruned (the last seq whose id left the dedup window)
+    {prefix}:meta        hash: epoch, seq, total (exact int64), pruned (the last seq whose
+                         id left the dedup window)
     {prefix}:log         stream, one entry per batch (its applied updates), entry id
                          "<last seq>-0", fields e (epoch), u (JSON, one item per update:
                          [seq, delta, total, at, conn, client, name, req_id]), k (the
@@ -15,14 +15,16 @@ Redis Cluster puts them in one slot)::
     {prefix}:node:<node> hash: session, counter, reply: this node's last batch and its
                          reply (expires 5 minutes after the node's last batch)
 
-**Batches.** One script per batch checks the epoch, answers duplicates from the ids hash,
-adds each delta with HINCRBY (an overflow refuses that add only), appends the batch's
+**Batches.** One script per batch checks the epoch, answers duplicates from the ids hash
+(one HMGET per batch), adds each delta (in Lua while the total is exact as a double, below
+2^53; else with HINCRBY, exact int64; an overflow refuses that add only), appends the batch's
 updates to the stream as one entry (so that XADD, each follower's XREAD and its decoding
 are paid per batch, not per update), forgets ids that left the window (read back from the
-stream entries leaving it) and trims the stream to ``max(keep, window)`` updates or a little more. A script has no rollback,
-so nothing in it can fail half-way by design: errors are caught with ``redis.pcall`` or ruled
-out before the first write, and the ``#!lua`` shebang makes Redis refuse the whole script up
-front (instead of one command half-way) when it is out of memory.
+stream entries leaving it) and trims the stream to ``max(keep, window)`` updates or a
+little more. A script has no rollback, so nothing in it can fail half-way by design:
+errors are caught with ``redis.pcall`` or ruled out before the first write, and the
+``#!lua`` shebang makes Redis refuse the whole script up front (instead of one command
+half-way) when it is out of memory.
 
 **Unknown outcomes.** Each batch carries an id (a random session token of this engine
 instance and a counter). A batch whose reply was lost (connection dropped, timeout, Redis

@@ -117,50 +117,103 @@ if seq + (#ARGV - 7) / 3 >= EXACT then
   return redis.error_reply('seq would pass 2^53, beyond what this script counts exactly')
 end
 
-local out, items, keys = {}, {}, {}
+-- The ids of the whole batch in one HMGET (a redis.call costs more than its command: each
+-- is converted, dispatched and, when it writes, appended to the AOF on its own).
+local found, wanted = {}, {}
+local function look_up()
+  local values = redis.call('HMGET', ids, unpack(wanted))
+  for i, key in ipairs(wanted) do found[key] = values[i] end
+  wanted = {}
+end
+for a = 9, #ARGV, 3 do
+  if ARGV[a] ~= '' then
+    wanted[#wanted + 1] = ARGV[a]
+    if #wanted == 1000 then look_up() end  -- unpack() is bounded by Lua's C stack
+  end
+end
+if #wanted > 0 then look_up() end
+
+-- The total is added in Lua while it is exact there (a double below 2^53) and written back
+-- once; any other delta goes through HINCRBY, which refuses an overflow or a delta that
+-- is no int64 without writing. A delta taken in Lua must be written as Redis's own
+-- string2ll would accept it (no sign, no leading zero), which also makes it valid JSON.
+local total = state[2]
+local sum = tonumber(total)
+local exact = math.abs(sum) < EXACT
+local written = true  -- whether the meta hash holds `total`
+local function add_slow(delta)
+  if not written then redis.call('HSET', meta, 'total', total); written = true end
+  local result = redis.pcall('HINCRBY', meta, 'total', delta)
+  if type(result) == 'table' then
+    if string.find(result.err, 'overflow', 1, true) then return 'o' end
+    return 'b'
+  end
+  total = exact_total(result)
+  sum = tonumber(total)
+  exact = math.abs(sum) < EXACT
+  return nil
+end
+
+local out, items, keys, fresh = {}, {}, {}, {}
 for a = 8, #ARGV, 3 do
   local delta, key = ARGV[a], ARGV[a + 1]
   local seen = false
-  if key ~= '' then seen = redis.call('HGET', ids, key) end
+  if key ~= '' then seen = fresh[key] or found[key] end
   if seen then
     out[#out + 1] = 'd ' .. seen
   else
-    -- HINCRBY refuses without writing: an overflowing total, or a delta that is no int64.
-    -- What it accepts is a canonical integer (no sign, no leading zero), valid JSON as is.
-    local total = redis.pcall('HINCRBY', meta, 'total', delta)
-    if type(total) == 'table' then
-      if string.find(total.err, 'overflow', 1, true) then out[#out + 1] = 'o'
-      else out[#out + 1] = 'b' end
+    local refused = nil
+    local n = tonumber(delta)
+    if exact and n and math.abs(n) < 1e15 and math.abs(sum + n) < EXACT
+        and (delta == '0' or string.find(delta, '^%-?[1-9]%d*$')) then
+      sum = sum + n
+      total = string.format('%d', sum)
+      written = false
+    else
+      refused = add_slow(delta)
+    end
+    if refused then
+      out[#out + 1] = refused
     else
       seq = seq + 1
-      local s, t = string.format('%d', seq), exact_total(total)
+      local s = string.format('%d', seq)
       -- [seq, delta, total, at, conn, client, name, req_id]: the payload is a JSON array
       -- of the last five, so its "[" gives way to the first three.
-      items[#items + 1] = '[' .. s .. ',' .. delta .. ',' .. t .. ',' .. string.sub(ARGV[a + 2], 2)
+      items[#items + 1] = '[' .. s .. ',' .. delta .. ',' .. total .. ','
+        .. string.sub(ARGV[a + 2], 2)
       if key ~= '' then
-        redis.call('HSET', ids, key, s .. ' ' .. t)
-        keys[#keys + 1] = #key .. ':' .. key
+        fresh[key] = s .. ' ' .. total
+        keys[#keys + 1] = key
       end
-      out[#out + 1] = 'u ' .. s .. ' ' .. t
+      out[#out + 1] = 'u ' .. s .. ' ' .. total
     end
   end
 end
 
 if seq > first then
+  local s = string.format('%d', seq)
+  redis.call('HSET', meta, 'seq', s, 'total', total)
+  local kv, packed = {}, {}
+  for i, key in ipairs(keys) do
+    kv[#kv + 1] = key
+    kv[#kv + 1] = fresh[key]
+    packed[i] = #key .. ':' .. key
+    if #kv == 1000 then redis.call('HSET', ids, unpack(kv)); kv = {} end
+  end
+  if #kv > 0 then redis.call('HSET', ids, unpack(kv)) end
   -- One entry per batch, under its last seq: XADD, every follower's XREAD and its decoding
   -- are paid once per batch instead of once per update.
-  local s = string.format('%d', seq)
   redis.call('XADD', log, s .. '-0', 'e', epoch, 'u', '[' .. table.concat(items, ',') .. ']',
-             'k', table.concat(keys))
-  redis.call('HSET', meta, 'seq', s)
+             'k', table.concat(packed))
   local pruned = forget(seq, tonumber(ARGV[3]), tonumber(state[3] or '0'), 2 * (seq - first) + 100)
   -- Keep `keep` updates, and every update whose id is still remembered (forget reads them).
   local minid = math.min(seq - tonumber(ARGV[4]), pruned) + 1
   if minid > 1 then redis.call('XTRIM', log, 'MINID', '~', string.format('%d', minid)) end
+elseif not written then
+  redis.call('HSET', meta, 'total', total)  -- cannot happen: nothing applied, nothing added
 end
 
-local reply = 'ok ' .. epoch .. ' ' .. string.format('%d', seq) .. ' '
-  .. redis.call('HGET', meta, 'total')
+local reply = 'ok ' .. epoch .. ' ' .. string.format('%d', seq) .. ' ' .. total
 if #out > 0 then reply = reply .. ' ' .. table.concat(out, ' ') end
 redis.call('HSET', node, 'session', session, 'counter', ARGV[7], 'reply', reply)
 redis.call('EXPIRE', node, ARGV[5])
