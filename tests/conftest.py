@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from helpers import JsonClient, ServerFactory
+from helpers import JsonClient, OpenClient, ServerFactory
+from logcases import restored_logging, write_logfile
 from redisproc import RedisServer
 from servers import ServeProcess
 from wstally import logsetup
@@ -60,6 +61,33 @@ async def clients() -> AsyncIterator[list[JsonClient]]:
     yield opened
     for client in opened:
         await client.close()
+
+
+@pytest.fixture
+def open_client(clients: list[JsonClient]) -> OpenClient:
+    """``JsonClient.connect``, the client closed at the end of the test."""
+
+    async def open_(url: str, hello: dict[str, Any] | None = None) -> JsonClient:
+        client = await JsonClient.connect(url, hello)
+        clients.append(client)
+        return client
+
+    return open_
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For tests of commands, which configure logging: the suite's configuration back after.
+
+    A module of such tests uses it throughout: ``pytestmark = usefixtures("restore_logging")``.
+    """
+    yield from restored_logging()
+
+
+@pytest.fixture
+def logfile(tmp_path: Path) -> Path:
+    """``logcases.LINES`` in a log file, malformed lines among them."""
+    return write_logfile(tmp_path)
 
 
 @pytest.fixture

@@ -92,10 +92,14 @@ class JsonClient:
         await self.ws.close()
 
 
-async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
-    """A minimal HTTP/1.1 GET, to see exactly what the server answers."""
+OpenClient = Callable[..., Awaitable[JsonClient]]  # the open_client fixture
+
+
+async def http_get(port: int, path: str, *headers: str) -> tuple[int, dict[str, str], bytes]:
+    """A minimal HTTP/1.1 GET, with extra header lines, to see exactly what the server answers."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    extra = "".join(f"{line}\r\n" for line in headers)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
     await writer.drain()
     raw = await asyncio.wait_for(reader.read(), within(5))
     writer.close()
@@ -103,8 +107,8 @@ async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return status, headers, body
+    fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, fields, body
 
 
 class GatedStore:

@@ -190,11 +190,17 @@ def run_piped(url: str, text: str, *args: str) -> subprocess.CompletedProcess[st
     )
 
 
+def pipe_numbers(url: str, count: int) -> subprocess.CompletedProcess[str]:
+    """1 to ``count``, one a line, piped into the client: it must print their sum."""
+    result = run_piped(url, "".join(f"{i}\n" for i in range(1, count + 1)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(count * (count + 1) // 2)
+    return result
+
+
 def test_piped_mode_sums_exactly(serve: Any) -> None:
     server = serve("--memory", "--port", "0")
-    result = run_piped(server.url, "".join(f"{i}\n" for i in range(1, 101)))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "5050"
+    result = pipe_numbers(server.url, 100)
     assert "100 of 100 add(s) acknowledged" in result.stderr
     assert server.health()["total"] == 5050
 
@@ -231,9 +237,7 @@ def test_piped_mode_paces_itself_under_the_default_rate_limit(serve: Any) -> Non
     # 40,000 numbers at once are four seconds' worth at the default 10,000 adds/s: the
     # refused ones are resent, same ids, at the pace the server accepts.
     server = serve("--memory", "--port", "0")
-    result = run_piped(server.url, "".join(f"{i}\n" for i in range(1, 40_001)))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "800020000"
+    result = pipe_numbers(server.url, 40_000)
     assert "40000 of 40000 add(s) acknowledged (sum +800020000)" in result.stderr
     health = server.health()
     assert (health["total"], health["seq"]) == (800020000, 40_000)
@@ -244,9 +248,7 @@ def test_piped_mode_paces_itself_under_the_default_rate_limit(serve: Any) -> Non
 def test_piped_mode_meets_a_low_rate_limit_and_still_counts_every_add(serve: Any) -> None:
     # (On a loaded machine the default limit may never be met: this one always is.)
     server = serve("--memory", "--port", "0", "--rate-limit", "2000")
-    result = run_piped(server.url, "".join(f"{i}\n" for i in range(1, 8_001)))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "32004000"
+    result = pipe_numbers(server.url, 8_000)
     assert "slowing down" in result.stderr  # the limit was met, not avoided
     assert server.health()["seq"] == 8_000
 

@@ -8,24 +8,20 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
 
-from helpers import JsonClient, ServerFactory, within
-from wstally import cli, history, logsetup
+from helpers import OpenClient, ServerFactory, within
+from wstally import cli, history
 from wstally.store import SQLiteStore
 from wstally.tally import INT64_MAX, Update
 
 AT = 1795514400.25  # 2026-11-24T10:00:00.250Z
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    yield
-    logsetup.configure("json", os.environ.get("WSTALLY_TEST_LOG_LEVEL", "warning"))
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture
@@ -232,12 +228,11 @@ def test_unreadable_databases(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 
 async def test_reads_and_verifies_beside_a_running_server(
-    make_server: ServerFactory, tmp_path: Path, clients: list[JsonClient]
+    make_server: ServerFactory, tmp_path: Path, open_client: OpenClient
 ) -> None:
     path = tmp_path / "live.db"
     server = await make_server(store=SQLiteStore(path))
-    client = await JsonClient.connect(server.url, {"client": "c-live", "name": "liv"})
-    clients.append(client)
+    client = await open_client(server.url, {"client": "c-live", "name": "liv"})
     for i in range(20):
         assert (await client.add(i, f"l{i}"))["type"] == "ack"
 

@@ -7,16 +7,15 @@ import json
 import time
 from typing import Any
 
-from helpers import JsonClient, ServerFactory, within
+from helpers import OpenClient, ServerFactory, within
 
 
 async def test_a_flooder_is_rate_limited_and_others_are_unaffected(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     server = await make_server(memory=True, rate_limit=200)
-    flooder = await JsonClient.connect(server.url, {"client": "flood"})
-    polite = await JsonClient.connect(server.url, {"client": "polite"})
-    clients.extend([flooder, polite])
+    flooder = await open_client(server.url, {"client": "flood"})
+    polite = await open_client(server.url, {"client": "polite"})
     count = 3000
     # As fast as the socket takes them, without waiting for a single answer.
     await asyncio.gather(
@@ -59,7 +58,7 @@ async def test_plain_flooders_get_a_readable_refusal(make_server: ServerFactory)
 
 
 async def test_a_reader_that_stays_behind_is_evicted_and_others_keep_up(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     import socket
 
@@ -70,9 +69,8 @@ async def test_a_reader_that_stays_behind_is_evicted_and_others_keep_up(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
     stuck = await connect(server.url, sock=sock, max_queue=1)  # and never reads again
-    watcher = await JsonClient.connect(server.url)
-    sender = await JsonClient.connect(server.url, {"client": "s", "name": "n" * 32})
-    clients.extend([watcher, sender])
+    watcher = await open_client(server.url)
+    sender = await open_client(server.url, {"client": "s", "name": "n" * 32})
     peer = next(p for p in server.hub.peers if p.mode.value == "plain")
     peer.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sent = 0

@@ -24,20 +24,34 @@ SCRIPT = ROOT / "scripts" / "loadtest.py"
 NAIVE = f"{sys.executable} -m wstally.loadgen.naive_server"
 
 
+def run_script(
+    *args: str,
+    script: Path = SCRIPT,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    units: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """``loadtest.py ARGS`` to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=within(units),
+        cwd=cwd,
+        env=env,
+    )
+
+
+def figures_of(out: Path) -> dict[str, Any]:
+    return json.loads(out.read_text()) if out.exists() else {}
+
+
 def loadtest(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[int, dict[str, Any], str]:
     out = tmp_path / "result.json"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quiet", "--json", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=within(120),
-        cwd=ROOT,
-        env=env,
-    )
-    figures = json.loads(out.read_text()) if out.exists() else {}
-    return result.returncode, figures, result.stdout + result.stderr
+    result = run_script("--quiet", "--json", str(out), *args, env=env)
+    return result.returncode, figures_of(out), result.stdout + result.stderr
 
 
 def test_passes_against_wstally_with_sqlite(tmp_path: Path) -> None:
@@ -109,34 +123,26 @@ def test_refuses_a_non_loopback_target(tmp_path: Path) -> None:
 
 def test_find_capacity_steps_until_the_limit(tmp_path: Path) -> None:
     out = tmp_path / "capacity.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--quiet",
-            "--spawn",
-            "--store",
-            "memory",
-            "--find-capacity",
-            "--step",
-            "10",
-            "--max-watchers",
-            "30",
-            "--p99-limit",
-            "5000",
-            "--senders",
-            "2",
-            "--rate",
-            "50",
-            "--duration",
-            "0.5",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=within(120),
-        cwd=ROOT,
+    result = run_script(
+        "--quiet",
+        "--spawn",
+        "--store",
+        "memory",
+        "--find-capacity",
+        "--step",
+        "10",
+        "--max-watchers",
+        "30",
+        "--p99-limit",
+        "5000",
+        "--senders",
+        "2",
+        "--rate",
+        "50",
+        "--duration",
+        "0.5",
+        "--json",
+        str(out),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
@@ -172,32 +178,25 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> Run:
     script = tmp_path / "loadtest.py"
     shutil.copy(SCRIPT, script)
     out = tmp_path / "compare.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--quiet",
-            "--compare",
-            "naive",
-            "--store",
-            "memory",
-            "--watchers",
-            "3",
-            "--senders",
-            "1",
-            "--updates",
-            "200",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=within(120),
+    result = run_script(
+        "--quiet",
+        "--compare",
+        "naive",
+        "--store",
+        "memory",
+        "--watchers",
+        "3",
+        "--senders",
+        "1",
+        "--updates",
+        "200",
+        "--json",
+        str(out),
+        script=script,
         cwd=tmp_path,
         env=_piped_env(PYTHONPATH=str(site)),
     )
-    report = json.loads(out.read_text()) if out.exists() else {}
-    return Run(result.returncode, report, result.stdout, result.stderr)
+    return Run(result.returncode, figures_of(out), result.stdout, result.stderr)
 
 
 def test_compare_naive_works_from_an_installed_package(compared: Run) -> None:
@@ -259,13 +258,8 @@ def test_a_piped_table_is_not_wrapped(tmp_path: Path) -> None:
 
 
 def test_help_shows_the_defaults(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=within(30),
-        cwd=ROOT,
-        env=_piped_env(COLUMNS="200", WSTALLY_TOKEN="not-for-the-help"),
+    result = run_script(
+        "--help", env=_piped_env(COLUMNS="200", WSTALLY_TOKEN="not-for-the-help"), units=30
     )
     assert result.returncode == 0, result.stderr
     lines: dict[str, str] = {}  # each flag's whole entry: its help may start a line below
@@ -300,13 +294,7 @@ def test_help_shows_the_defaults(tmp_path: Path) -> None:
     ],
 )
 def test_a_misspelt_flag_suggests_the_right_one(given: list[str], meant: str) -> None:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), *given],
-        capture_output=True,
-        text=True,
-        timeout=within(30),
-        cwd=ROOT,
-    )
+    result = run_script(*given, units=30)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert (
@@ -316,13 +304,7 @@ def test_a_misspelt_flag_suggests_the_right_one(given: list[str], meant: str) ->
 
 
 def test_an_unknown_flag_far_from_any_gets_no_guess() -> None:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--xyzzy"],
-        capture_output=True,
-        text=True,
-        timeout=within(30),
-        cwd=ROOT,
-    )
+    result = run_script("--xyzzy", units=30)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "loadtest.py: error: unrecognized arguments: --xyzzy"

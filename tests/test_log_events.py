@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 from structlog.typing import EventDict
 from websockets.asyncio.client import connect
 
-from helpers import GatedStore, JsonClient, ServerFactory, within
+from helpers import GatedStore, JsonClient, OpenClient, ServerFactory, within
 from servers import ServeProcess
 from wstally import logsetup
 
@@ -271,19 +271,23 @@ async def test_commits_slow_and_failed(make_server: ServerFactory, events: Event
     await client.close()
 
 
-async def test_feed_error_is_critical_with_its_traceback(
-    make_server: ServerFactory, events: Events, clients: list[JsonClient]
-) -> None:
-    server = await make_server(memory=True)
-    client = await JsonClient.connect(server.url)
-    clients.append(client)
-    publish = server.hub.publish
+def fail_once(owner: object, method: str) -> None:
+    """The next call of ``owner.method`` raises; the ones after it work again."""
+    works = getattr(owner, method)
 
-    def broken(updates: Any) -> None:
-        server.hub.publish = publish  # type: ignore[method-assign]
+    def broken(*args: Any) -> None:
+        setattr(owner, method, works)
         raise RuntimeError("boom")
 
-    server.hub.publish = broken  # type: ignore[method-assign]
+    setattr(owner, method, broken)
+
+
+async def test_feed_error_is_critical_with_its_traceback(
+    make_server: ServerFactory, events: Events, open_client: OpenClient
+) -> None:
+    server = await make_server(memory=True)
+    client = await open_client(server.url)
+    fail_once(server.hub, "publish")
     await client.send({"type": "add", "delta": 1})
     error = await events.wait("feed.error")
     assert error["log_level"] == "critical"
@@ -294,18 +298,11 @@ async def test_feed_error_is_critical_with_its_traceback(
 
 
 async def test_batcher_error_is_critical_with_its_traceback(
-    make_server: ServerFactory, events: Events, clients: list[JsonClient]
+    make_server: ServerFactory, events: Events, open_client: OpenClient
 ) -> None:
     server = await make_server(memory=True)
-    client = await JsonClient.connect(server.url)
-    clients.append(client)
-    send = server.hub.send
-
-    def broken(peer: Any, text: str) -> None:
-        server.hub.send = send  # type: ignore[method-assign]
-        raise RuntimeError("boom")
-
-    server.hub.send = broken  # type: ignore[method-assign]
+    client = await open_client(server.url)
+    fail_once(server.hub, "send")
     await client.send({"type": "add", "delta": 1, "id": "lost-ack"})
     error = await events.wait("batcher.error")
     assert error["log_level"] == "critical"
@@ -422,18 +419,16 @@ async def test_lagging_and_resync_name_the_slow_connection(
 
 
 async def test_recovered_and_not_recovered(
-    make_server: ServerFactory, events: Events, clients: list[JsonClient]
+    make_server: ServerFactory, events: Events, open_client: OpenClient
 ) -> None:
     server = await make_server(memory=True)
-    writer = await JsonClient.connect(server.url, {"client": "w"})
-    clients.append(writer)
+    writer = await open_client(server.url, {"client": "w"})
     for i in range(3):
         await writer.add(1, f"w{i}")
     await writer.items_until(3)  # published, not only acked
     epoch = writer.snapshot["epoch"]
-    back = await JsonClient.connect(server.url, {"client": "r", "since": 1, "epoch": epoch})
-    lost = await JsonClient.connect(server.url, {"client": "n", "since": 1, "epoch": "other"})
-    clients.extend([back, lost])
+    await open_client(server.url, {"client": "r", "since": 1, "epoch": epoch})
+    await open_client(server.url, {"client": "n", "since": 1, "epoch": "other"})
     recovered = await events.wait("conn.recovered")
     assert recovered["log_level"] == "info"
     assert fields(recovered) == HELLO | {"since", "updates", "seq"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -15,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import within
-from logcases import LINES, logs, picked, restored_logging, write_logfile
+from logcases import LINES, logs, picked
 from logfiles import generate
 from wstally.logs import report
 from wstally.logs.filters import Filter
@@ -29,14 +28,7 @@ else:
     Term = pexpect.spawn
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    yield from restored_logging()
-
-
-@pytest.fixture
-def logfile(tmp_path: Path) -> Path:
-    return write_logfile(tmp_path)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_json_passes_matching_lines_through_unchanged(

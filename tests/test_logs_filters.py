@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from logcases import LINES, logs, picked, restored_logging, write_logfile
+from logcases import LINES, logs, picked
 from wstally.logs.filters import Condition, Filter
 
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    yield from restored_logging()
-
-
-@pytest.fixture
-def logfile(tmp_path: Path) -> Path:
-    return write_logfile(tmp_path)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.mark.parametrize(

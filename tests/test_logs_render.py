@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from logcases import ANN, BOB, closed, logs, restored_logging, write_logfile
+from logcases import ANN, BOB, closed, logs
 from logfiles import ts
 from wstally.logs.render import format_event, short_ts
 
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    yield from restored_logging()
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_readable_lines_without_colors_when_piped(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, logfile: Path
 ) -> None:
-    logfile = write_logfile(tmp_path)
     result = logs(monkeypatch, "--event", "conn.closed", "--client", "c-ann", str(logfile))
     (text,) = result.out.decode().splitlines()
     assert "\x1b" not in text

@@ -8,28 +8,19 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers import within
-from logcases import LINES, logs, restored_logging, write_logfile
+from logcases import LINES, logs
 from logfiles import generate
 from servers import ServeProcess
 from wstally.logs import report
 from wstally.logs.scan import Counts
 from wstally.logs.summary import Summary
 
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    yield from restored_logging()
-
-
-@pytest.fixture
-def logfile(tmp_path: Path) -> Path:
-    return write_logfile(tmp_path)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_summary_table(monkeypatch: pytest.MonkeyPatch, logfile: Path) -> None:

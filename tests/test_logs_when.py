@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from logcases import logs, restored_logging
+from logcases import logs
 from wstally.logs.errors import LogsError
 from wstally.logs.when import normal_ts, parse_time
 
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    yield from restored_logging()
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_parse_time() -> None:

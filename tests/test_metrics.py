@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from helpers import JsonClient, ServerFactory, http_get, within
+from helpers import OpenClient, ServerFactory, http_get, within
 from wstally.metrics import Histogram
 
 TOKEN = "metrics-token"
@@ -34,13 +34,11 @@ async def scrape(port: int, query: str = "") -> dict[str, dict[tuple[Any, ...], 
 
 
 async def test_metrics_count_what_happened(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     server = await make_server(memory=True)
-    client = await JsonClient.connect(server.url, {"client": "m"})
-    clients.append(client)
-    watcher = await JsonClient.connect(server.url)
-    clients.append(watcher)
+    client = await open_client(server.url, {"client": "m"})
+    watcher = await open_client(server.url)
     async with connect(server.url) as plain:
         assert (await client.add(5, "one"))["type"] == "ack"
         assert (await client.add(5, "one")).get("duplicate") is True
@@ -69,16 +67,13 @@ async def test_metrics_count_what_happened(
     assert all(n.startswith(("wstally_", "process_", "python_")) for n in names), names
 
 
-async def test_replays_are_counted(make_server: ServerFactory, clients: list[JsonClient]) -> None:
+async def test_replays_are_counted(make_server: ServerFactory, open_client: OpenClient) -> None:
     server = await make_server(memory=True)
-    writer = await JsonClient.connect(server.url, {"client": "w"})
-    clients.append(writer)
+    writer = await open_client(server.url, {"client": "w"})
     await writer.add(1, "a")
     epoch = writer.snapshot["epoch"]
-    back = await JsonClient.connect(server.url, {"client": "r", "since": 0, "epoch": epoch})
-    clients.append(back)
-    stale = await JsonClient.connect(server.url, {"client": "s", "since": 0, "epoch": "old"})
-    clients.append(stale)
+    await open_client(server.url, {"client": "r", "since": 0, "epoch": epoch})
+    await open_client(server.url, {"client": "s", "since": 0, "epoch": "old"})
     m = await scrape(server.port)
     replays = m["wstally_replays_total"]
     assert replays[(("outcome", "recovered"),)] == 1
@@ -107,11 +102,10 @@ def test_histogram_buckets_are_cumulative() -> None:
 
 
 async def test_no_metrics_serves_none_and_times_nothing(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     server = await make_server(memory=True, metrics=False)
-    client = await JsonClient.connect(server.url, {"client": "n"})
-    clients.append(client)
+    client = await open_client(server.url, {"client": "n"})
     assert (await client.add(1, "a"))["type"] == "ack"
     status, _, _ = await http_get(server.port, "/metrics")
     assert status == 404

@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from helpers import JsonClient, ServerFactory, within
+from helpers import JsonClient, OpenClient, ServerFactory, within
 from redisproc import RedisServer
 from servers import ServeProcess
 from wstally.protocol import SUBPROTOCOL
@@ -41,17 +41,15 @@ def gapless(items: list[dict[str, Any]], first: int = 1) -> None:
 
 
 async def test_every_watcher_on_every_node_sees_one_order(
-    nodes: Nodes, clients: list[JsonClient]
+    nodes: Nodes, open_client: OpenClient
 ) -> None:
     servers = await nodes(3)
-    watchers = [await JsonClient.connect(s.url) for s in servers]
-    clients.extend(watchers)
+    watchers = [await open_client(s.url) for s in servers]
     plain = [await connect(s.url) for s in servers]
     senders = [
-        await JsonClient.connect(s.url, {"client": f"c{i}", "name": f"w{i}"})
+        await open_client(s.url, {"client": f"c{i}", "name": f"w{i}"})
         for i, s in enumerate(servers)
     ]
-    clients.extend(senders)
 
     async def send(i: int, sender: JsonClient) -> None:
         for n in range(40):
@@ -79,27 +77,23 @@ async def test_every_watcher_on_every_node_sees_one_order(
 
 
 async def test_a_resend_to_another_node_is_a_duplicate(
-    nodes: Nodes, clients: list[JsonClient]
+    nodes: Nodes, open_client: OpenClient
 ) -> None:
     one, two = await nodes(2)
-    first = await JsonClient.connect(one.url, {"client": "same"})
-    clients.append(first)
+    first = await open_client(one.url, {"client": "same"})
     ack = await first.add(7, "a-1")
     assert ack["type"] == "ack"
     await first.close()
-    again = await JsonClient.connect(two.url, {"client": "same"})
-    clients.append(again)
+    again = await open_client(two.url, {"client": "same"})
     dup = await again.add(7, "a-1")
     assert dup == {**ack, "duplicate": True}
-    other = await JsonClient.connect(two.url, {"client": "someone-else"})
-    clients.append(other)
+    other = await open_client(two.url, {"client": "someone-else"})
     assert (await other.add(7, "a-1"))["seq"] == ack["seq"] + 1  # another client's id
 
 
-async def test_recovery_on_another_node(nodes: Nodes, clients: list[JsonClient]) -> None:
+async def test_recovery_on_another_node(nodes: Nodes, open_client: OpenClient) -> None:
     one, two = await nodes(2)
-    writer = await JsonClient.connect(one.url, {"client": "w"})
-    clients.append(writer)
+    writer = await open_client(one.url, {"client": "w"})
     for n in range(5):
         await writer.add(1, str(n))
     away = await JsonClient.connect(one.url, {"client": "r"})
@@ -108,8 +102,7 @@ async def test_recovery_on_another_node(nodes: Nodes, clients: list[JsonClient])
     await away.close()
     for n in range(5, 12):
         await writer.add(2, str(n))
-    back = await JsonClient.connect(two.url, {"client": "r", "since": seq, "epoch": epoch})
-    clients.append(back)
+    back = await open_client(two.url, {"client": "r", "since": seq, "epoch": epoch})
     assert back.snapshot["recovered"] is True
     items = back.items()
     assert [i["seq"] for i in items] == list(range(seq + 1, 13))
@@ -117,13 +110,11 @@ async def test_recovery_on_another_node(nodes: Nodes, clients: list[JsonClient])
 
 
 async def test_redis_restarted_empty_is_a_new_epoch(
-    nodes: Nodes, redis_server: RedisServer, clients: list[JsonClient]
+    nodes: Nodes, redis_server: RedisServer, open_client: OpenClient
 ) -> None:
     one, two = await nodes(2)
-    watcher = await JsonClient.connect(two.url, {"client": "w"})
-    clients.append(watcher)
-    writer = await JsonClient.connect(one.url, {"client": "c"})
-    clients.append(writer)
+    watcher = await open_client(two.url, {"client": "w"})
+    writer = await open_client(one.url, {"client": "c"})
     for n in range(3):
         await writer.add(5, str(n))
     old_epoch = watcher.snapshot["epoch"]
@@ -142,8 +133,7 @@ async def test_redis_restarted_empty_is_a_new_epoch(
             await asyncio.sleep(0.1)
     assert (answer["seq"], answer["total"]) == (1, 1)
     # A client returning with the old epoch is told so, on any node.
-    back = await JsonClient.connect(one.url, {"client": "x", "since": 3, "epoch": old_epoch})
-    clients.append(back)
+    back = await open_client(one.url, {"client": "x", "since": 3, "epoch": old_epoch})
     assert back.snapshot["recovered"] is False
     assert back.snapshot["epoch"] == snapshot["epoch"]
 

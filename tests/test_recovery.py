@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from helpers import JsonClient, ServerFactory, within
+from helpers import JsonClient, OpenClient, ServerFactory, within
 from wstally.server import TallyServer
 from wstally.store import MemoryStore
 
@@ -20,11 +20,10 @@ async def seqs_until(client: JsonClient, last: int) -> list[dict[str, Any]]:
 
 
 async def test_a_returning_client_gets_every_missed_update_then_live(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     server = await make_server()  # SQLite: the history is read from the audit trail
-    writer = await JsonClient.connect(server.url, {"client": "w"})
-    clients.append(writer)
+    writer = await open_client(server.url, {"client": "w"})
     away = await JsonClient.connect(server.url, {"client": "a"})
     for i in range(5):
         await writer.add(1, f"early-{i}")
@@ -34,8 +33,7 @@ async def test_a_returning_client_gets_every_missed_update_then_live(
     for i in range(50):
         await writer.add(i, f"missed-{i}")
     # While it recovers, others keep adding: the replay and the live feed must join exactly.
-    back = await JsonClient.connect(server.url, {"client": "a", "since": 5, "epoch": epoch})
-    clients.append(back)
+    back = await open_client(server.url, {"client": "a", "since": 5, "epoch": epoch})
 
     async def keep_adding() -> None:
         for _ in range(30):
@@ -56,18 +54,14 @@ async def test_a_returning_client_gets_every_missed_update_then_live(
     assert back.items()[-1]["total"] == server.position.total
 
 
-async def test_recovers_ten_thousand_updates(
-    server: TallyServer, clients: list[JsonClient]
-) -> None:
-    writer = await JsonClient.connect(server.url, {"client": "w"})
-    clients.append(writer)
+async def test_recovers_ten_thousand_updates(server: TallyServer, open_client: OpenClient) -> None:
+    writer = await open_client(server.url, {"client": "w"})
     epoch = writer.snapshot["epoch"]
     for start in range(0, 10_000, 500):
         for i in range(start, start + 500):
             await writer.send({"type": "add", "delta": 1, "id": str(i)})
         await writer.items_until(start + 500)
-    back = await JsonClient.connect(server.url, {"client": "b", "since": 0, "epoch": epoch})
-    clients.append(back)
+    back = await open_client(server.url, {"client": "b", "since": 0, "epoch": epoch})
     snapshot = back.snapshot  # connect() waited for the snapshot that ends the replay
     assert snapshot["recovered"] is True
     assert snapshot["seq"] == 10_000
@@ -75,17 +69,15 @@ async def test_recovers_ten_thousand_updates(
 
 
 async def test_other_history_or_impossible_since_gets_a_plain_snapshot(
-    server: TallyServer, clients: list[JsonClient]
+    server: TallyServer, open_client: OpenClient
 ) -> None:
-    writer = await JsonClient.connect(server.url)
-    clients.append(writer)
+    writer = await open_client(server.url)
     await writer.add(3, "x")
     for hello, reason in (
         ({"since": 0, "epoch": "another-history"}, "epoch changed"),
         ({"since": 99, "epoch": server.position.epoch}, "ahead"),
     ):
-        client = await JsonClient.connect(server.url, {"client": "c", **hello})
-        clients.append(client)
+        client = await open_client(server.url, {"client": "c", **hello})
         snapshot = client.snapshot
         assert snapshot["recovered"] is False
         assert reason in snapshot["reason"]
@@ -93,17 +85,15 @@ async def test_other_history_or_impossible_since_gets_a_plain_snapshot(
 
 
 async def test_history_no_longer_kept_gets_a_plain_snapshot(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     server = await make_server(store=MemoryStore(keep=10))
-    writer = await JsonClient.connect(server.url)
-    clients.append(writer)
+    writer = await open_client(server.url)
     for i in range(30):
         await writer.add(1, str(i))
-    back = await JsonClient.connect(
+    back = await open_client(
         server.url, {"client": "c", "since": 2, "epoch": server.position.epoch}
     )
-    clients.append(back)
     snapshot = back.snapshot
     assert snapshot["recovered"] is False
     assert "no longer kept" in snapshot["reason"]
@@ -115,9 +105,6 @@ async def test_history_no_longer_kept_gets_a_plain_snapshot(
         assert [i["seq"] for i in items] == list(range(snapshot["seq"] + 1, 31))
 
 
-async def test_since_without_epoch_is_refused(
-    server: TallyServer, clients: list[JsonClient]
-) -> None:
-    client = await JsonClient.connect(server.url, {"client": "c", "since": 3})
-    clients.append(client)
+async def test_since_without_epoch_is_refused(server: TallyServer, open_client: OpenClient) -> None:
+    client = await open_client(server.url, {"client": "c", "since": 3})
     assert (await client.expect("error"))["code"] == "bad_since"

@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from helpers import GatedStore, JsonClient, ServerFactory, http_get, within
+from helpers import GatedStore, JsonClient, OpenClient, ServerFactory, http_get, within
 from wstally.server import TallyServer
 from wstally.store import SQLiteStore
 from wstally.tally import INT64_MAX, INT64_MIN
@@ -22,10 +22,10 @@ async def plain_lines(ws: Any, count: int) -> list[str]:
 
 
 async def test_every_client_sees_every_update_in_the_same_order(
-    server: TallyServer, clients: list[JsonClient]
+    server: TallyServer, clients: list[JsonClient], open_client: OpenClient
 ) -> None:
     for name in ("ann", "bob", "cy"):
-        clients.append(await JsonClient.connect(server.url, {"client": name, "name": name}))
+        await open_client(server.url, {"client": name, "name": name})
     async with connect(server.url) as plain:
         per_client = 40
 
@@ -75,10 +75,9 @@ async def test_every_client_sees_every_update_in_the_same_order(
 
 
 async def test_plain_client_sees_json_update_and_vice_versa(
-    server: TallyServer, clients: list[JsonClient]
+    server: TallyServer, open_client: OpenClient
 ) -> None:
-    json_client = await JsonClient.connect(server.url)
-    clients.append(json_client)
+    json_client = await open_client(server.url)
     async with connect(server.url) as plain:
         await plain.send("5")
         assert (
@@ -99,12 +98,11 @@ async def test_plain_client_gets_no_greeting(server: TallyServer) -> None:
 
 
 async def test_ack_is_sent_only_after_the_commit(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     store = GatedStore()
     server = await make_server(store=store)
-    client = await JsonClient.connect(server.url)
-    clients.append(client)
+    client = await open_client(server.url)
     store.gate.clear()
     await client.send({"type": "add", "delta": 7, "id": "a"})
     with pytest.raises(TimeoutError):
@@ -120,12 +118,11 @@ async def test_ack_is_sent_only_after_the_commit(
 
 
 async def test_duplicate_of_a_pending_add_is_answered_after_the_commit(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     store = GatedStore()
     server = await make_server(store=store)
-    client = await JsonClient.connect(server.url, {"client": "c1"})
-    clients.append(client)
+    client = await open_client(server.url, {"client": "c1"})
     store.gate.clear()
     await client.send({"type": "add", "delta": 7, "id": "a"})
     await client.send({"type": "add", "delta": 7, "id": "a"})
@@ -145,10 +142,9 @@ async def test_duplicate_of_a_pending_add_is_answered_after_the_commit(
 
 
 async def test_duplicate_id_is_not_applied_again(
-    server: TallyServer, clients: list[JsonClient]
+    server: TallyServer, open_client: OpenClient
 ) -> None:
-    client = await JsonClient.connect(server.url, {"client": "me", "name": "me"})
-    clients.append(client)
+    client = await open_client(server.url, {"client": "me", "name": "me"})
     first = await client.add(10, "x")
     again = await client.add(10, "x")
     assert first == {"type": "ack", "id": "x", "seq": 1, "total": 10}
@@ -159,19 +155,17 @@ async def test_duplicate_id_is_not_applied_again(
 
 
 async def test_ids_are_scoped_by_client_or_by_connection(
-    server: TallyServer, clients: list[JsonClient]
+    server: TallyServer, open_client: OpenClient
 ) -> None:
-    a = await JsonClient.connect(server.url, {"client": "A"})
-    b = await JsonClient.connect(server.url, {"client": "B"})
-    anon1 = await JsonClient.connect(server.url)
-    anon2 = await JsonClient.connect(server.url)
-    clients.extend([a, b, anon1, anon2])
+    a = await open_client(server.url, {"client": "A"})
+    b = await open_client(server.url, {"client": "B"})
+    anon1 = await open_client(server.url)
+    anon2 = await open_client(server.url)
     acks = [await c.add(1, "same") for c in (a, b, anon1, anon2)]
     assert [ack["seq"] for ack in acks] == [1, 2, 3, 4]
     assert not any(ack.get("duplicate") for ack in acks)
     # The same hello client on a new connection is the same scope: a resend is a duplicate.
-    a_again = await JsonClient.connect(server.url, {"client": "A"})
-    clients.append(a_again)
+    a_again = await open_client(server.url, {"client": "A"})
     assert (await a_again.add(1, "same"))["duplicate"] is True
     assert server.position.total == 4
 
@@ -239,10 +233,9 @@ JSON_BAD_INPUTS: list[tuple[str, str]] = [
 
 @pytest.mark.parametrize(("frame", "code"), JSON_BAD_INPUTS)
 async def test_bad_json_input_gets_its_code_and_changes_nothing(
-    server: TallyServer, clients: list[JsonClient], frame: str, code: str
+    server: TallyServer, open_client: OpenClient, frame: str, code: str
 ) -> None:
-    client = await JsonClient.connect(server.url)
-    clients.append(client)
+    client = await open_client(server.url)
     await client.add(5, "before")
     await client.ws.send(frame)
     error = await client.expect("error")
@@ -253,9 +246,8 @@ async def test_bad_json_input_gets_its_code_and_changes_nothing(
     assert (after["seq"], after["total"]) == (2, 5)
 
 
-async def test_error_names_the_refused_id(server: TallyServer, clients: list[JsonClient]) -> None:
-    client = await JsonClient.connect(server.url)
-    clients.append(client)
+async def test_error_names_the_refused_id(server: TallyServer, open_client: OpenClient) -> None:
+    client = await open_client(server.url)
     error = await client.add(1.5, "f1")  # type: ignore[arg-type]
     assert error == {
         "type": "error",
@@ -265,19 +257,16 @@ async def test_error_names_the_refused_id(server: TallyServer, clients: list[Jso
     }
 
 
-async def test_hello_is_only_allowed_first(server: TallyServer, clients: list[JsonClient]) -> None:
-    client = await JsonClient.connect(server.url)
-    clients.append(client)
+async def test_hello_is_only_allowed_first(server: TallyServer, open_client: OpenClient) -> None:
+    client = await open_client(server.url)
     await client.add(1, "a")
     await client.send({"type": "hello", "client": "late"})
     assert (await client.expect("error"))["code"] == "hello_late"
-    greeted = await JsonClient.connect(server.url, {"client": "c", "name": "n"})
-    clients.append(greeted)
+    greeted = await open_client(server.url, {"client": "c", "name": "n"})
     await greeted.send({"type": "hello", "client": "c2"})
     assert (await greeted.expect("error"))["code"] == "hello_late"
     # A refused hello does not count: the corrected one is accepted.
-    retry = await JsonClient.connect(server.url, {"client": "r", "name": "\x1b[2J"})
-    clients.append(retry)
+    retry = await open_client(server.url, {"client": "r", "name": "\x1b[2J"})
     assert (await retry.expect("error"))["code"] == "bad_name"
     await retry.send({"type": "hello", "client": "r", "name": "fixed"})
     await retry.add(0, "z")
@@ -289,10 +278,9 @@ async def test_hello_is_only_allowed_first(server: TallyServer, clients: list[Js
 
 
 async def test_binary_frames_are_refused_in_both_modes(
-    server: TallyServer, clients: list[JsonClient]
+    server: TallyServer, open_client: OpenClient
 ) -> None:
-    client = await JsonClient.connect(server.url)
-    clients.append(client)
+    client = await open_client(server.url)
     await client.ws.send(b"5")
     assert (await client.expect("error"))["code"] == "binary_unsupported"
     async with connect(server.url) as plain:
@@ -355,9 +343,8 @@ async def test_plain_numbers_are_accepted(server: TallyServer, text: str) -> Non
         assert reply == f"Server records total={expected}"
 
 
-async def test_int64_edges(server: TallyServer, clients: list[JsonClient]) -> None:
-    client = await JsonClient.connect(server.url)
-    clients.append(client)
+async def test_int64_edges(server: TallyServer, open_client: OpenClient) -> None:
+    client = await open_client(server.url)
     assert (await client.add(INT64_MAX, "max"))["total"] == INT64_MAX
     over = await client.add(1, "over")
     assert (over["type"], over["code"], over["id"]) == ("error", "overflow", "over")
@@ -378,10 +365,9 @@ async def test_int64_edges(server: TallyServer, clients: list[JsonClient]) -> No
 
 
 async def test_oversized_frame_closes_with_1009(
-    server: TallyServer, clients: list[JsonClient]
+    server: TallyServer, open_client: OpenClient
 ) -> None:
-    client = await JsonClient.connect(server.url)
-    clients.append(client)
+    client = await open_client(server.url)
     await client.ws.send(json.dumps({"type": "add", "delta": 1, "pad": "x" * 9000}))
     with pytest.raises(ConnectionClosed) as closed:
         while True:
@@ -438,10 +424,9 @@ async def test_healthz_and_other_paths(server: TallyServer) -> None:
 
 
 async def test_presence_follows_joins_and_leaves(
-    server: TallyServer, clients: list[JsonClient]
+    server: TallyServer, open_client: OpenClient
 ) -> None:
-    first = await JsonClient.connect(server.url)
-    clients.append(first)
+    first = await open_client(server.url)
     assert first.snapshot["clients"] == 1
     second = await JsonClient.connect(server.url)
     assert second.snapshot["clients"] == 2
@@ -451,13 +436,12 @@ async def test_presence_follows_joins_and_leaves(
 
 
 async def test_commit_failure_tells_no_one_and_keeps_the_total(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     store = GatedStore()
     server = await make_server(store=store)
-    client = await JsonClient.connect(server.url)
-    watcher = await JsonClient.connect(server.url)
-    clients.extend([client, watcher])
+    client = await open_client(server.url)
+    watcher = await open_client(server.url)
     assert (await client.add(10, "ok"))["total"] == 10
     store.fail = True
     refused = await client.add(5, "lost")

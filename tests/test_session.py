@@ -7,9 +7,10 @@ import contextlib
 import json
 from collections.abc import Callable
 
-from helpers import GatedStore, JsonClient, ServerFactory, http_get, within
+from helpers import GatedStore, OpenClient, ServerFactory, http_get, within
+from wstally.client.events import Event, Paced, Refused
 from wstally.client.prompt import PromptView
-from wstally.client.session import Event, Paced, Refused, Session
+from wstally.client.session import Session
 
 
 async def test_a_transient_refusal_is_resent_until_it_counts(make_server: ServerFactory) -> None:
@@ -104,7 +105,7 @@ async def wait_for(condition: Callable[[], bool], units: float = 10) -> None:
 
 
 async def test_after_a_drop_the_client_says_how_many_updates_it_missed(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     server = await make_server(memory=True)
     relay = Cuttable(server.port)
@@ -122,8 +123,7 @@ async def test_after_a_drop_the_client_says_how_many_updates_it_missed(
         await wait_for(lambda: session.state == "reconnecting")
         # Disconnected: the last count may be stale, so none is shown.
         assert "client" not in toolbar(view)
-        other = await JsonClient.connect(server.url, {"client": "other"})
-        clients.append(other)
+        other = await open_client(server.url, {"client": "other"})
         for i in (1, 2):
             assert (await other.add(10 * i, f"r{i}"))["type"] == "ack"
         await wait_for(lambda: any("caught up" in line for line in view.lines))

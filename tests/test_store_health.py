@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers import GatedStore, JsonClient, ServerFactory, within
+from helpers import GatedStore, OpenClient, ServerFactory, http_get, within
 from servers import ServeProcess
 from wstally.engine.local import CHECK_INTERVAL
 from wstally.store import SQLiteStore
@@ -23,25 +23,17 @@ DETAILS = {"seq", "total", "clients", "epoch", "lagging", "evicted", "engine"}
 
 async def healthz(port: int, query: str = "", *headers: str) -> tuple[int, dict[str, Any]]:
     """GET /healthz with extra header lines: the status code and the JSON body."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = "".join(f"{h}\r\n" for h in headers)
-    writer.write(f"GET /healthz{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode())
-    await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), within(5))
-    writer.close()
-    await writer.wait_closed()
-    status_line, _, rest = raw.partition(b"\r\n")
-    body: dict[str, Any] = json.loads(rest.partition(b"\r\n\r\n")[2])
-    return int(status_line.split()[1]), body
+    status, _, raw = await http_get(port, f"/healthz{query}", *headers)
+    body: dict[str, Any] = json.loads(raw)
+    return status, body
 
 
 async def test_failing_commits_make_healthz_degraded_until_one_succeeds(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     store = GatedStore()
     server = await make_server(store=store)
-    client = await JsonClient.connect(server.url, {"client": "c"})
-    clients.append(client)
+    client = await open_client(server.url, {"client": "c"})
     assert (await client.add(10, "a"))["type"] == "ack"
     status, body = await healthz(server.port)
     assert (status, body["status"], "reason" in body) == (200, "ok", False)
@@ -65,7 +57,7 @@ async def test_failing_commits_make_healthz_degraded_until_one_succeeds(
 
 
 async def test_healthz_details_are_for_holders_of_the_token(
-    make_server: ServerFactory, clients: list[JsonClient]
+    make_server: ServerFactory, open_client: OpenClient
 ) -> None:
     store = GatedStore()
     server = await make_server(store=store, token=SECRET)
@@ -82,8 +74,7 @@ async def test_healthz_details_are_for_holders_of_the_token(
         assert set(body) == {"status", *DETAILS}
         assert body["epoch"] == server.position.epoch
 
-    client = await JsonClient.connect(server.url + f"?token={SECRET}", {"client": "c"})
-    clients.append(client)
+    client = await open_client(server.url + f"?token={SECRET}", {"client": "c"})
     store.fail = True
     assert (await client.add(1, "x"))["code"] == "store_failed"
     # The reason names files and errors: also only for holders of the token.
@@ -95,11 +86,10 @@ async def test_healthz_details_are_for_holders_of_the_token(
 
 
 async def test_real_io_errors_in_a_serve_process_degrade_it_until_a_commit_succeeds(
-    serve: Any, tmp_path: Path, clients: list[JsonClient]
+    serve: Any, tmp_path: Path, open_client: OpenClient
 ) -> None:
     server: ServeProcess = serve("--port", "0", "--db", "tally.db")
-    client = await JsonClient.connect(server.url, {"client": "c"})
-    clients.append(client)
+    client = await open_client(server.url, {"client": "c"})
     assert (await client.add(1, "a"))["seq"] == 1
     # A real write error: the server's file size limit lowered to what its WAL holds now,
     # so the next commit's write fails with EFBIG (Python ignores SIGXFSZ).
@@ -133,12 +123,11 @@ async def wait_for_event(server: ServeProcess, name: str, units: float) -> float
 
 
 async def test_deleting_the_database_is_noticed_refused_and_nothing_acked_is_lost(
-    serve: Any, tmp_path: Path, clients: list[JsonClient]
+    serve: Any, tmp_path: Path, open_client: OpenClient
 ) -> None:
     db = tmp_path / "tally.db"
     server: ServeProcess = serve("--port", "0", "--db", "tally.db")
-    client = await JsonClient.connect(server.url, {"client": "c"})
-    clients.append(client)
+    client = await open_client(server.url, {"client": "c"})
     acks = [await client.add(n, f"a{n}") for n in range(1, 31)]
     assert [a["seq"] for a in acks] == list(range(1, 31))
 
@@ -175,8 +164,7 @@ async def test_deleting_the_database_is_noticed_refused_and_nothing_acked_is_los
     assert again.port
     started = again.event("server.started")
     assert (started["seq"], started["total"]) == (30, sum(range(1, 31)))
-    client = await JsonClient.connect(again.url, {"client": "c"})
-    clients.append(client)
+    client = await open_client(again.url, {"client": "c"})
     resent = await client.add(7, "a7")
     assert (resent["seq"], resent.get("duplicate")) == (7, True)
     assert (await client.add(31, "a31"))["seq"] == 31
@@ -191,11 +179,10 @@ async def test_deleting_the_database_is_noticed_refused_and_nothing_acked_is_los
 
 
 async def test_replacing_the_database_is_noticed_and_the_new_file_is_left_alone(
-    make_server: ServerFactory, tmp_path: Path, clients: list[JsonClient]
+    make_server: ServerFactory, tmp_path: Path, open_client: OpenClient
 ) -> None:
     server = await make_server()
-    client = await JsonClient.connect(server.url, {"client": "c"})
-    clients.append(client)
+    client = await open_client(server.url, {"client": "c"})
     assert (await client.add(4, "a"))["seq"] == 1
     other = SQLiteStore(tmp_path / "other.db")
     epoch = other.load(10).epoch

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from structlog.testing import capture_logs
 
-from helpers import JsonClient, ServerFactory, http_get, within
+from helpers import OpenClient, ServerFactory, http_get, within
 from wstally import web
-from wstally.client.session import Event, Item, Session, Updates
+from wstally.client.events import Event, Item, Updates
+from wstally.client.session import Session
 from wstally.server import TallyServer
 
 if TYPE_CHECKING or importlib.util.find_spec("playwright") is not None:
@@ -367,14 +368,15 @@ async def test_connect_src_self_alone_admits_the_same_origin_websocket(
 
 
 async def test_updates_from_another_client_show_live(
-    make_server: ServerFactory, open_tab: OpenTab, clients: list[JsonClient]
+    make_server: ServerFactory,
+    open_tab: OpenTab,
+    open_client: OpenClient,
 ) -> None:
     server = await make_server(memory=True)
     tab = await open_tab(page_url(server))
     await tab.expect_connected()
     await tab.expect_text("#clients", "1")
-    bob = await JsonClient.connect(server.url, {"client": "bob-1", "name": "bob"})
-    clients.append(bob)
+    bob = await open_client(server.url, {"client": "bob-1", "name": "bob"})
     await tab.expect_text("#clients", "2")
     assert (await bob.add(5, "a"))["type"] == "ack"
     await tab.expect_text("#total", "5")
@@ -389,11 +391,10 @@ async def test_updates_from_another_client_show_live(
 
 
 async def test_an_add_typed_in_the_page_is_acked_and_broadcast(
-    make_server: ServerFactory, open_tab: OpenTab, clients: list[JsonClient]
+    make_server: ServerFactory, open_tab: OpenTab, open_client: OpenClient
 ) -> None:
     server = await make_server(memory=True)
-    watcher = await JsonClient.connect(server.url, {"client": "watcher"})
-    clients.append(watcher)
+    watcher = await open_client(server.url, {"client": "watcher"})
     tab = await open_tab(page_url(server))
     await tab.expect_connected()
     await tab.add(" +12 ")
@@ -456,11 +457,10 @@ async def test_two_pages_and_a_terminal_client_see_the_same_order(
 
 @pytest.mark.parametrize("parser", ["source text", "fallback"])
 async def test_int64_totals_and_deltas_are_exact(
-    make_server: ServerFactory, open_tab: OpenTab, clients: list[JsonClient], parser: str
+    make_server: ServerFactory, open_tab: OpenTab, open_client: OpenClient, parser: str
 ) -> None:
     server = await make_server(memory=True)
-    py = await JsonClient.connect(server.url, {"client": "py", "name": "py"})
-    clients.append(py)
+    py = await open_client(server.url, {"client": "py", "name": "py"})
     tab = await open_tab(
         page_url(server), init_script=NO_SOURCE_TEXT if parser == "fallback" else None
     )
@@ -484,13 +484,12 @@ async def test_int64_totals_and_deltas_are_exact(
 
 
 async def test_a_hostile_name_is_shown_as_text(
-    make_server: ServerFactory, open_tab: OpenTab, clients: list[JsonClient]
+    make_server: ServerFactory, open_tab: OpenTab, open_client: OpenClient
 ) -> None:
     server = await make_server(memory=True)
     tab = await open_tab(page_url(server))
     await tab.expect_connected()
-    mallory = await JsonClient.connect(server.url, {"client": "m", "name": HOSTILE})
-    clients.append(mallory)
+    mallory = await open_client(server.url, {"client": "m", "name": HOSTILE})
     assert (await mallory.add(1, "x"))["type"] == "ack"
     await tab.expect_text("#updates li .by", HOSTILE)
     # The page's own name, markup included, goes out as text too.
@@ -518,7 +517,7 @@ async def test_an_add_pending_across_a_restart_counts_once(
     make_server: ServerFactory,
     open_tab: OpenTab,
     proxy: Callable[[int], Awaitable[Proxy]],
-    clients: list[JsonClient],
+    open_client: OpenClient,
 ) -> None:
     first = await make_server()  # SQLite: the ids it saw survive the restart
     relay = await proxy(first.port)
@@ -549,8 +548,7 @@ async def test_an_add_pending_across_a_restart_counts_once(
     await tab.expect_text("#seq", "2")
     assert (await health(second))["seq"] == 2
     assert (await health(second))["total"] == 8
-    check = await JsonClient.connect(second.url)
-    clients.append(check)
+    check = await open_client(second.url)
     assert (check.snapshot["seq"], check.snapshot["total"]) == (2, 8)
     # The lost ack's update comes back in the replay; both are marked as the page's own.
     assert [row[:2] for row in await tab.rows()] == [(1, "+7"), (2, "+1")]
@@ -561,12 +559,11 @@ async def test_a_page_that_was_away_shows_what_it_missed(
     make_server: ServerFactory,
     open_tab: OpenTab,
     proxy: Callable[[int], Awaitable[Proxy]],
-    clients: list[JsonClient],
+    open_client: OpenClient,
 ) -> None:
     server = await make_server(memory=True)
     relay = await proxy(server.port)
-    carol = await JsonClient.connect(server.url, {"client": "carol", "name": "carol"})
-    clients.append(carol)
+    carol = await open_client(server.url, {"client": "carol", "name": "carol"})
     tab = await open_tab(relay.url)
     await tab.expect_connected()
     assert (await carol.add(1, "1"))["type"] == "ack"
@@ -638,13 +635,12 @@ async def test_allowed_origins_apply_to_the_page(
 
 
 async def test_a_thousand_updates_a_second_keep_the_page_responsive(
-    make_server: ServerFactory, open_tab: OpenTab, clients: list[JsonClient]
+    make_server: ServerFactory, open_tab: OpenTab, open_client: OpenClient
 ) -> None:
     server = await make_server(memory=True)
     tab = await open_tab(page_url(server))
     await tab.expect_connected()
-    sender = await JsonClient.connect(server.url, {"client": "load", "name": "load"})
-    clients.append(sender)
+    sender = await open_client(server.url, {"client": "load", "name": "load"})
 
     async def flood() -> None:
         for _ in range(20):  # 2,000 adds over about 2 s

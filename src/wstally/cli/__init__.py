@@ -3,6 +3,7 @@
 One module per command, each leaning only on those listed before it:
 
 - ``ranges``: the ranges of the commands' numbers;
+- ``flags``: flags backed by ``WSTALLY_*`` variables, declared as rows of a table;
 - ``serve``: ``wstally serve``, its flags grouped by what they set, and its start;
 - ``logs``: ``wstally logs``, its flags and its help's list of events;
 - ``history``: ``wstally history``, its flags and their checks;

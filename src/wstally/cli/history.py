@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import Any
 
+from wstally.cli.flags import add_flags, flag
 from wstally.cli.ranges import BYTES
-from wstally.options import env_argument, redis_prefix, redis_url
+from wstally.options import redis_prefix, redis_url
 
 __all__ = ["add_parser", "run"]
 
@@ -22,35 +23,28 @@ def add_parser(commands: Any) -> None:
         "tab-separated line per update without a header: seq, time, delta, total, client, "
         "name, conn, request id (- for none); --json names every field.",
     )
-    where = history.add_mutually_exclusive_group()
-    env_argument(
+    add_flags(
         history,
-        "--db",
-        group=where,
-        env="DB",
-        default="wstally.db",
-        metavar="PATH",
-        help="SQLite database file",
+        flag("--db", "wstally.db", "SQLite database file", metavar="PATH"),
+        flag(
+            "--redis",
+            None,
+            "read the history the nodes share in this Redis instead (the last 100,000 "
+            "updates; nothing is written)",
+            type=redis_url,
+            metavar="URL",
+        ),
+        group=history.add_mutually_exclusive_group(),
     )
-    env_argument(
+    add_flags(
         history,
-        "--redis",
-        group=where,
-        env="REDIS",
-        default=None,
-        type=redis_url,
-        metavar="URL",
-        help="read the history the nodes share in this Redis instead (the last 100,000 "
-        "updates; nothing is written)",
-    )
-    env_argument(
-        history,
-        "--redis-prefix",
-        env="REDIS_PREFIX",
-        default="wstally",
-        type=redis_prefix,
-        metavar="NAME",
-        help="key prefix in Redis, as given to serve",
+        flag(
+            "--redis-prefix",
+            "wstally",
+            "key prefix in Redis, as given to serve",
+            type=redis_prefix,
+            metavar="NAME",
+        ),
     )
     history.add_argument("--since", type=BYTES, default=0, metavar="SEQ", help="rows after SEQ")
     history.add_argument("--client", metavar="C", help="rows of this hello client id or name")

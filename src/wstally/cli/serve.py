@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from wstally import logsetup
+from wstally.cli.flags import add_flags, flag, switch
 from wstally.cli.ranges import BYTES, COUNT, LIMIT, PORT, SECONDS
 from wstally.config import DEFAULTS
-from wstally.options import env_argument, number, redis_prefix, redis_url
+from wstally.options import number, redis_prefix, redis_url
 
 __all__ = ["add_parser", "run"]
 
@@ -40,139 +41,93 @@ def add_parser(commands: Any) -> None:
 
 def _add_listening(parser: argparse.ArgumentParser) -> None:
     """Where it listens."""
-    env_argument(parser, "--host", env="HOST", default=DEFAULTS.host, help="address to listen on")
-    env_argument(
+    add_flags(
         parser,
-        "--port",
-        env="PORT",
-        default=DEFAULTS.port,
-        type=PORT,
-        help="port to listen on (0-65535), 0 for any free one",
+        flag("--host", DEFAULTS.host, "address to listen on"),
+        flag("--port", DEFAULTS.port, "port to listen on (0-65535), 0 for any free one", type=PORT),
     )
 
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:
     """Where the data lives: a SQLite file, memory, or a Redis shared by several nodes."""
-    where = parser.add_mutually_exclusive_group()
-    env_argument(
+    add_flags(
         parser,
-        "--db",
-        group=where,
-        env="DB",
-        default=DEFAULTS.db,
-        metavar="PATH",
-        help="SQLite database file",
+        flag("--db", DEFAULTS.db, "SQLite database file", metavar="PATH"),
+        switch("--memory", "keep everything in memory; nothing survives a restart"),
+        flag(
+            "--redis",
+            None,
+            "share one total with every node on this Redis (redis://HOST:PORT/DB, "
+            "rediss:// for TLS, unix:///path.sock); see README, Several nodes",
+            type=redis_url,
+            metavar="URL",
+        ),
+        group=parser.add_mutually_exclusive_group(),
     )
-    env_argument(
+    add_flags(
         parser,
-        "--memory",
-        group=where,
-        env="MEMORY",
-        default=False,
-        shown="off",
-        action="store_true",
-        help="keep everything in memory; nothing survives a restart",
-    )
-    env_argument(
-        parser,
-        "--redis",
-        group=where,
-        env="REDIS",
-        default=None,
-        type=redis_url,
-        metavar="URL",
-        help="share one total with every node on this Redis (redis://HOST:PORT/DB, "
-        "rediss:// for TLS, unix:///path.sock); see README, Several nodes",
-    )
-    env_argument(
-        parser,
-        "--redis-prefix",
-        env="REDIS_PREFIX",
-        default=DEFAULTS.redis_prefix,
-        type=redis_prefix,
-        metavar="NAME",
-        help="key prefix in Redis, so that several tallies can share one Redis",
-    )
-    env_argument(
-        parser,
-        "--node",
-        env="NODE",
-        default=None,
-        type=redis_prefix,
-        metavar="NAME",
-        help="this node's name in Redis and /healthz (default: HOST:PID)",
+        flag(
+            "--redis-prefix",
+            DEFAULTS.redis_prefix,
+            "key prefix in Redis, so that several tallies can share one Redis",
+            type=redis_prefix,
+            metavar="NAME",
+        ),
+        flag(
+            "--node",
+            None,
+            "this node's name in Redis and /healthz (default: HOST:PID)",
+            type=redis_prefix,
+            metavar="NAME",
+        ),
     )
 
 
 def _add_serving(parser: argparse.ArgumentParser) -> None:
     """How it serves: metrics, a shared port, compression, broadcast pacing, the event loop."""
-    env_argument(
+    add_flags(
         parser,
-        "--no-metrics",
-        env="NO_METRICS",
-        default=False,
-        shown="off",
-        action="store_true",
-        help="do not serve GET /metrics (nor time each ack for it)",
-    )
-    env_argument(
-        parser,
-        "--reuse-port",
-        env="REUSE_PORT",
-        default=False,
-        shown="off",
-        action="store_true",
-        help="let several processes serve one port on this machine (SO_REUSEPORT)",
-    )
-    env_argument(
-        parser,
-        "--compression",
-        env="COMPRESSION",
-        default=False,
-        shown="off",
-        action="store_true",
-        help="offer permessage-deflate (costs CPU and memory per client)",
-    )
-    env_argument(
-        parser,
-        "--buffer-limit",
-        env="BUFFER_LIMIT",
-        default=DEFAULTS.buffer_limit,
-        type=BYTES,
-        metavar="BYTES",
-        help="write buffer above which a client is skipped and later resynced",
-    )
-    env_argument(
-        parser,
-        "--flush-interval",
-        env="FLUSH_INTERVAL",
-        default=DEFAULTS.flush_interval * 1000,  # shown in ms
-        type=number(0.0, 1000.0),
-        metavar="MS",
-        help="least time between two broadcast writes to a client (0-1000); under load, "
-        "updates within it share one frame",
-    )
-    env_argument(
-        parser,
-        "--loop",
-        env="LOOP",
-        default="auto",
-        choices=("auto", "asyncio", "uvloop"),
-        help="event loop: uvloop when installed (auto), or force one",
+        switch("--no-metrics", "do not serve GET /metrics (nor time each ack for it)"),
+        switch(
+            "--reuse-port", "let several processes serve one port on this machine (SO_REUSEPORT)"
+        ),
+        switch("--compression", "offer permessage-deflate (costs CPU and memory per client)"),
+        flag(
+            "--buffer-limit",
+            DEFAULTS.buffer_limit,
+            "write buffer above which a client is skipped and later resynced",
+            type=BYTES,
+            metavar="BYTES",
+        ),
+        flag(
+            "--flush-interval",
+            DEFAULTS.flush_interval * 1000,  # shown in ms
+            "least time between two broadcast writes to a client (0-1000); under load, "
+            "updates within it share one frame",
+            type=number(0.0, 1000.0),
+            metavar="MS",
+        ),
+        flag(
+            "--loop",
+            "auto",
+            "event loop: uvloop when installed (auto), or force one",
+            choices=("auto", "asyncio", "uvloop"),
+        ),
     )
 
 
 def _add_access(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("access")
     secret = group.add_mutually_exclusive_group()
-    env_argument(
+    add_flags(
         parser,
-        "--token",
+        flag(
+            "--token",
+            None,
+            "require this secret from clients (Authorization: Bearer, or ?token=); "
+            "prefer --token-file or the env var, which stay out of process listings",
+        ),
         group=secret,
-        env="TOKEN",
-        default=None,
-        help="require this secret from clients (Authorization: Bearer, or ?token=); "
-        "prefer --token-file or the env var, which stay out of process listings",
     )
     secret.add_argument("--token-file", metavar="PATH", help="read the token from PATH")
     group.add_argument(
@@ -188,127 +143,91 @@ def _add_access(parser: argparse.ArgumentParser) -> None:
 
 def _add_limits(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits")
-    _add_load_limits(parser, group)
-    _add_timeouts(parser, group)
+    add_flags(parser, *_LOAD_LIMITS, *_TIMEOUTS, group=group)
 
 
-def _add_load_limits(parser: argparse.ArgumentParser, group: Any) -> None:
-    """How many clients, frames and adds; past a limit a client is refused or closed."""
-    env_argument(
-        parser,
+# How many clients, frames and adds; past a limit a client is refused or closed.
+_LOAD_LIMITS = (
+    flag(
         "--max-connections",
-        group=group,
-        env="MAX_CONNECTIONS",
-        default=DEFAULTS.max_connections,
+        DEFAULTS.max_connections,
+        "refuse handshakes beyond N clients with HTTP 503",
         type=COUNT,
         metavar="N",
-        help="refuse handshakes beyond N clients with HTTP 503",
-    )
-    env_argument(
-        parser,
+    ),
+    flag(
         "--frame-limit",
-        group=group,
-        env="FRAME_LIMIT",
-        default=DEFAULTS.frame_limit,
-        type=LIMIT,
-        metavar="N",
-        help="frames per second per connection, every kind (pings too); past it the "
+        DEFAULTS.frame_limit,
+        "frames per second per connection, every kind (pings too); past it the "
         "connection is closed with 1008; 0 disables",
-    )
-    env_argument(
-        parser,
-        "--invalid-limit",
-        group=group,
-        env="INVALID_LIMIT",
-        default=DEFAULTS.invalid_limit,
         type=LIMIT,
         metavar="N",
-        help="malformed frames per second per connection; past it: closed with 1008; 0 disables",
-    )
-    env_argument(
-        parser,
+    ),
+    flag(
+        "--invalid-limit",
+        DEFAULTS.invalid_limit,
+        "malformed frames per second per connection; past it: closed with 1008; 0 disables",
+        type=LIMIT,
+        metavar="N",
+    ),
+    flag(
         "--rate-limit",
-        group=group,
-        env="RATE_LIMIT",
-        default=DEFAULTS.rate_limit,
+        DEFAULTS.rate_limit,
+        "adds per second per connection (token bucket, a second's worth of burst); 0 disables",
         type=SECONDS,
         metavar="ADDS",
-        help="adds per second per connection (token bucket, a second's worth of burst); 0 disables",
-    )
+    ),
+)
 
-
-def _add_timeouts(parser: argparse.ArgumentParser, group: Any) -> None:
-    """When a slow or silent client is dropped."""
-    env_argument(
-        parser,
+# When a slow or silent client is dropped.
+_TIMEOUTS = (
+    flag(
         "--slow-timeout",
-        group=group,
-        env="SLOW_TIMEOUT",
-        default=DEFAULTS.slow_timeout,
+        DEFAULTS.slow_timeout,
+        "close a client whose write buffer stays over --buffer-limit this long (code 4008)",
         type=SECONDS,
         metavar="SECS",
-        help="close a client whose write buffer stays over --buffer-limit this long (code 4008)",
-    )
-    env_argument(
-        parser,
+    ),
+    flag(
         "--ping-interval",
-        group=group,
-        env="PING_INTERVAL",
-        default=DEFAULTS.ping_interval,
+        DEFAULTS.ping_interval,
+        "keepalive ping period, 0 for none",
         type=SECONDS,
         metavar="SECS",
-        help="keepalive ping period, 0 for none",
-    )
-    env_argument(
-        parser,
+    ),
+    flag(
         "--ping-timeout",
-        group=group,
-        env="PING_TIMEOUT",
-        default=DEFAULTS.ping_timeout,
+        DEFAULTS.ping_timeout,
+        "drop a peer that does not answer a ping within SECS, 0 for never",
         type=SECONDS,
         metavar="SECS",
-        help="drop a peer that does not answer a ping within SECS, 0 for never",
-    )
+    ),
+)
 
 
 def _add_reporting(parser: argparse.ArgumentParser) -> None:
     """What it tells: server.stats every so often, and the log's format, level and file."""
-    env_argument(
+    add_flags(
         parser,
-        "--stats-interval",
-        env="STATS_INTERVAL",
-        default=DEFAULTS.stats_interval,
-        type=SECONDS,
-        metavar="SECS",
-        help="log server.stats every SECS seconds, 0 for never",
+        flag(
+            "--stats-interval",
+            DEFAULTS.stats_interval,
+            "log server.stats every SECS seconds, 0 for never",
+            type=SECONDS,
+            metavar="SECS",
+        ),
     )
-    group = parser.add_argument_group("logging")
-    env_argument(
+    add_flags(
         parser,
-        "--log-format",
-        group=group,
-        env="LOG_FORMAT",
-        default="auto",
-        choices=logsetup.FORMATS,
-        help="console on a terminal and JSON lines otherwise (auto), or force one",
-    )
-    env_argument(
-        parser,
-        "--log-level",
-        group=group,
-        env="LOG_LEVEL",
-        default="info",
-        choices=logsetup.LEVELS,
-        help="minimum level",
-    )
-    env_argument(
-        parser,
-        "--log-file",
-        group=group,
-        env="LOG_FILE",
-        default=None,
-        metavar="PATH",
-        help="also append JSON lines to PATH",
+        flag(
+            "--log-format",
+            "auto",
+            "console on a terminal and JSON lines otherwise (auto), or force one",
+            choices=logsetup.FORMATS,
+        ),
+        flag("--log-level", "info", "minimum level", choices=logsetup.LEVELS),
+        flag("--log-file", None, "also append JSON lines to PATH", metavar="PATH"),
+        group=parser.add_argument_group("logging"),
     )
 
 

@@ -13,7 +13,8 @@ import threading
 import time
 from typing import Any, TextIO
 
-from wstally.client.session import Acked, Event, Paced, Refused, Session, Snapshot, State
+from wstally.client.events import Acked, Event, Paced, Refused, Snapshot, State
+from wstally.client.session import Session
 from wstally.protocol import ProtocolError, parse_plain
 from wstally.text import escape_text
 

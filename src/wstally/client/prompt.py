@@ -15,17 +15,17 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.shortcuts import print_formatted_text
 from prompt_toolkit.styles import Style
 
-from wstally.client.session import (
+from wstally.client.events import (
     Acked,
     Event,
     Paced,
     Presence,
     Refused,
-    Session,
     Snapshot,
     State,
     Updates,
 )
+from wstally.client.session import Session
 from wstally.protocol import ProtocolError, parse_plain
 from wstally.text import escape_text
 

@@ -45,18 +45,7 @@ from wstally.protocol import (
 )
 from wstally.text import escape_text
 
-__all__ = [
-    "Acked",
-    "Event",
-    "Item",
-    "Paced",
-    "Presence",
-    "Refused",
-    "Session",
-    "Snapshot",
-    "State",
-    "Updates",
-]
+__all__ = ["Session"]
 
 
 T = TypeVar("T")

@@ -16,7 +16,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from wstally.client.session import Event, Item, Session, Snapshot, State, Updates
+from wstally.client.events import Event, Item, Snapshot, State, Updates
+from wstally.client.session import Session
 from wstally.text import escape_text
 
 __all__ = ["run_watch"]

@@ -81,6 +81,14 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def _table(title: str, *columns: str, right: tuple[str, ...] = ("count",), **options: Any) -> Table:
+    """A table titled on its left; the columns named in ``right`` (figures) justified right."""
+    table = Table(title=title, title_justify="left", **options)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    return table
+
+
 def _overview(summary: Summary, totals: Counts) -> Table:
     overview = Table(title="wstally logs --summary", show_header=False, title_justify="left")
     overview.add_column("what", style="bold")
@@ -103,10 +111,7 @@ def _overview(summary: Summary, totals: Counts) -> Table:
 
 
 def _events(summary: Summary) -> Table:
-    events = Table(title="Events", title_justify="left")
-    events.add_column("event")
-    events.add_column("level")
-    events.add_column("count", justify="right")
+    events = _table("Events", "event", "level", "count")
     for (name, level), count in sorted(summary.events.items(), key=lambda kv: -kv[1]):
         events.add_row(_cell(name, 60), _cell(level), f"{count:,}")
     return events
@@ -116,9 +121,7 @@ def _levels(summary: Summary) -> Table:
     levels: dict[str, int] = {}
     for (_, level), count in summary.events.items():
         levels[level] = levels.get(level, 0) + count
-    by_level = Table(title="Levels", title_justify="left")
-    by_level.add_column("level")
-    by_level.add_column("count", justify="right")
+    by_level = _table("Levels", "level", "count")
     for level, count in sorted(levels.items(), key=lambda kv: -LEVELS.get(kv[0], 0)):
         by_level.add_row(_cell(level), f"{count:,}")
     return by_level
@@ -136,14 +139,10 @@ def _clients(summary: Summary) -> Table:
         source = "adds and Σ delta from conn.closed"
     else:
         source = "adds from conn.closed; Σ delta needs a --log-level debug log"
-    clients = Table(title="Clients", caption=source, title_justify="left")
-    clients.add_column("name")
-    clients.add_column("client")
     numbers = ["connections", "time connected", "adds", "Σ delta", "refused", "lagged"]
     if not (from_debug or from_closed):
         numbers.remove("Σ delta")
-    for column in numbers:
-        clients.add_column(column, justify="right")
+    clients = _table("Clients", "name", "client", *numbers, right=tuple(numbers), caption=source)
     shown = max(summary.top * 4, 20)
     ranked = sorted(summary.clients.items(), key=_rank)
     for key, f in ranked[:shown]:
@@ -178,21 +177,14 @@ def _who(key: ClientKey, figures: ClientFigures) -> Text:
 
 
 def _refusals(summary: Summary) -> Table:
-    refusals = Table(title="Refusals by code", title_justify="left")
-    refusals.add_column("code")
-    refusals.add_column("count", justify="right")
-    refusals.add_column("example input")
+    refusals = _table("Refusals by code", "code", "count", "example input")
     for code, (count, example) in sorted(summary.refusals.items(), key=lambda kv: -kv[1][0]):
         refusals.add_row(_cell(code), f"{count:,}", _cell(example, 50))
     return refusals
 
 
 def _close_codes(summary: Summary) -> Table:
-    closes = Table(title="Close codes", title_justify="left")
-    closes.add_column("code")
-    closes.add_column("meaning")
-    closes.add_column("count", justify="right")
-    closes.add_column("most common reason")
+    closes = _table("Close codes", "code", "meaning", "count", "most common reason")
     for code, (count, reasons) in sorted(summary.close_codes.items(), key=lambda kv: -kv[1][0]):
         reason = max(reasons.items(), key=lambda kv: kv[1])[0] if reasons else None
         meaning = _CLOSE_CODES.get(code) if isinstance(code, int) else None
@@ -201,22 +193,17 @@ def _close_codes(summary: Summary) -> Table:
 
 
 def _commits(summary: Summary) -> Table:
-    commits = Table(title="Slowest commits", title_justify="left")
-    commits.add_column("ms", justify="right")
-    commits.add_column("batch", justify="right")
-    commits.add_column("when (UTC)")
-    commits.add_column("from")
+    commits = _table("Slowest commits", "ms", "batch", "when (UTC)", "from", right=("ms", "batch"))
     for ms, ts, batch, source_event in summary.commits or summary.interval_commits:
         commits.add_row(f"{ms:,.3f}", _count(batch), short_ts(ts), _cell(source_event))
     return commits
 
 
 def _talkers(summary: Summary) -> Table:
-    talkers = Table(title="Top talkers (messages in)", title_justify="left")
-    for column in ("conn", "client", "name", "peer"):
-        talkers.add_column(column)
-    for column in ("messages", "applied", "refused", "bytes in", "time connected"):
-        talkers.add_column(column, justify="right")
+    figures = ("messages", "applied", "refused", "bytes in", "time connected")
+    talkers = _table(
+        "Top talkers (messages in)", "conn", "client", "name", "peer", *figures, right=figures
+    )
     for messages, conn, label, name, peer, applied, refused, bytes_in, secs in summary.talkers:
         talkers.add_row(
             _cell(conn),
