@@ -332,6 +332,24 @@ async def test_duplicate_from_another_node_gets_the_original_result(
     assert seqs(await a.submit([add(1, "r2", client="c-a", conn="c-x")])) == [6]
 
 
+async def test_every_field_of_an_add_comes_back_as_sent(engines: EngineFactory) -> None:
+    # The payload is JSON built from parts (cached per connection): any text, any time.
+    texts = ['q"u\\o', "ü€😀", "\x00\x1f\n\t", "\u2028", "conn:x", "", "[1,"]
+    batch = [
+        add(n, f"r{n}{text}", conn=f"c{text}", client=text or None, name=text, at=at)
+        for n, (text, at) in enumerate(
+            itertools.product(texts, [AT, 0.1 + 0.2, 1e22, 5e-324, 7.0, -1.5])
+        )
+    ]
+    batch += [add(1, None, conn="plain", at=AT), add(2, None, conn="plain", at=AT + 1)]
+    engine = await engines()
+    assert all(isinstance(r, Update) for r in await engine.submit(batch))
+    stored = await engine.history(0, 1000)  # decoded from the stream entry
+    assert [(u.at, u.conn, u.client, u.name, u.req_id, u.delta) for u in stored] == [
+        (s.at, s.conn, s.client, s.name, s.req_id, s.delta) for s in batch
+    ]
+
+
 async def test_totals_stay_exact_across_2_53_where_lua_stops_adding(
     engines: EngineFactory, inspect: Redis
 ) -> None:

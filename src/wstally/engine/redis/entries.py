@@ -10,6 +10,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable, Sequence
+from math import isfinite
 from typing import Any
 
 from wstally.engine.base import Result, Submission
@@ -93,17 +94,41 @@ def decode(f: Sequence[str]) -> list[Update]:
 
 
 def encode(batch: Sequence[Submission]) -> list[Any]:
-    """The batch script's arguments for ``batch``: delta, dedup key, payload per add."""
+    """The batch script's arguments for ``batch``: delta, dedup key, payload per add.
+
+    The payload is what ``_dumps([at, conn, client, name, req_id])`` gives, built from
+    parts: the encoder's setup per call cost more than the encoding, and a connection's
+    conn, client and name are the same for each of its adds.
+    """
     args: list[Any] = []
     for s in batch:
-        key = "" if s.req_id is None else _id_key(dedup_scope(s.client, s.conn), s.req_id)
-        args += (s.delta, key, _dumps([s.at, s.conn, s.client, s.name, s.req_id]))
+        middle, scope = _source(s.conn, s.client, s.name)
+        at, req_id = s.at, s.req_id
+        # repr() is what the JSON encoder writes for a finite float.
+        when = repr(at) if type(at) is float and isfinite(at) else _dumps(at)
+        if req_id is None:
+            args += (s.delta, "", f"[{when},{middle},null]")
+        else:
+            args += (s.delta, scope + req_id, f"[{when},{middle},{_string(req_id)}]")
     return args
 
 
-def _id_key(scope: str, req_id: str) -> str:
-    # The length prefix keeps (scope, id) pairs apart whatever characters they hold.
-    return f"{len(scope)}:{scope}{req_id}"
+_string: Callable[[str], str] = json.encoder.encode_basestring  # as _dumps writes a str
+# (conn, client, name) -> their JSON, comma-separated, and the dedup key's prefix.
+_SOURCES: dict[tuple[str, str | None, str | None], tuple[str, str]] = {}
+_SOURCES_KEPT = 4096
+
+
+def _source(conn: str, client: str | None, name: str | None) -> tuple[str, str]:
+    found = _SOURCES.get((conn, client, name))
+    if found is None:
+        if len(_SOURCES) >= _SOURCES_KEPT:
+            _SOURCES.clear()  # connections come and go: start again rather than grow
+        scope = dedup_scope(client, conn)
+        # The length prefix keeps (scope, id) pairs apart whatever characters they hold.
+        found = (_dumps([conn, client, name])[1:-1], f"{len(scope)}:{scope}")
+        _SOURCES[(conn, client, name)] = found
+    return found
 
 
 def results(batch: Sequence[Submission], tokens: list[str]) -> list[Result]:
