@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import io
 import itertools
+import json
 import os
 import random
 import tempfile
@@ -28,6 +29,8 @@ from redisproc import RedisServer
 from wstally import logsetup
 from wstally.engine.base import EngineError, FeedEvent, Position, Published, Reset, Submission
 from wstally.engine.redis import RedisEngine, durability_risks, redact_url
+from wstally.history import verify_kept
+from wstally.redis_history import RedisHistory
 from wstally.tally import INT64_MAX, INT64_MIN, Duplicate, Refused, Update
 
 EngineFactory = Callable[..., Awaitable[RedisEngine]]
@@ -392,6 +395,43 @@ async def test_ids_leave_the_window_and_the_stream_is_trimmed(
     assert 10 <= len(history) < 300
     assert history[-1].seq == 506
     assert_gapless(history, first=history[0].seq)
+
+
+async def test_a_history_of_one_entry_per_update_goes_on(
+    redis_server: RedisServer, engines: EngineFactory, inspect: Redis
+) -> None:
+    # Written by a version before batch entries: the feed, history, dedup, the window and
+    # --verify carry on over it, and new batches are appended as batch entries.
+    await inspect.hset(META, mapping={"epoch": "e-old", "seq": "3", "total": "6", "pruned": "0"})
+    for n in (1, 2, 3):
+        key = f"8:client:cr{n}"
+        payload = json.dumps([AT, "conn-1", "c", None, f"r{n}"])
+        fields: dict[Any, Any] = {"e": "e-old", "s": n, "d": n, "t": n * (n + 1) // 2}
+        fields.update(k=key, p=payload)
+        await inspect.xadd(LOG, fields, id=f"{n}-0")
+        await inspect.hset(IDS, key, f"{n} {n * (n + 1) // 2}")
+    engine = await engines(window=4, keep=100)
+    assert await engine.submit([add(9, "r2", client="c"), add(4, "r4", client="c")]) == [
+        Duplicate("r2", 2, 3),
+        Update(4, 4, 10, AT, "conn-1", "c", None, "r4"),
+    ]
+    for n in range(5, 12):
+        await engine.submit([add(n, f"r{n}", client="c")])
+    history = await engine.history(0, 100)
+    assert [(u.seq, u.delta, u.total, u.req_id) for u in history[:4]] == [
+        (1, 1, 1, "r1"),
+        (2, 2, 3, "r2"),
+        (3, 3, 6, "r3"),
+        (4, 4, 10, "r4"),
+    ]
+    assert_gapless(history)
+    assert [u.seq for u in await engine.history(2, 2)] == [3, 4]
+    assert not await inspect.hexists(IDS, "8:client:cr1")  # forgotten from an old entry
+    assert await inspect.hexists(IDS, "8:client:cr11")
+    meta, entries = await asyncio.to_thread(RedisHistory(redis_server.url, "wstally").kept)
+    verdict, _note = verify_kept(meta, entries)
+    assert verdict.ok, verdict.problem
+    assert (verdict.rows, verdict.last_seq) == (11, 11)
 
 
 async def test_history_reads_in_chunks(engines: EngineFactory) -> None:

@@ -191,6 +191,11 @@ def _forged(epoch: str, seq: int, delta: int, total: int) -> dict[Any, Any]:
     return {"e": epoch, "s": str(seq), "d": str(delta), "t": str(total), "k": "", "p": payload}
 
 
+def _forged_batch(epoch: str, *updates: tuple[int, int, int]) -> dict[Any, Any]:
+    items = [[seq, delta, total, AT, "forged", None, None, None] for seq, delta, total in updates]
+    return {"e": epoch, "u": json.dumps(items), "k": ""}
+
+
 Tamper = Callable[[Redis, str], Any]
 
 TAMPERINGS: list[tuple[str, Tamper, str]] = [
@@ -225,6 +230,21 @@ TAMPERINGS: list[tuple[str, Tamper, str]] = [
         "a payload that is no JSON",
         lambda r, e: r.xadd(LOG, {**_forged(e, 11, 1, 56), "p": "[1,"}, id="11-0"),
         "seq 11: time None is not a number",
+    ),
+    (
+        "a batch entry stored under another id than its last seq",
+        lambda r, e: r.xadd(LOG, _forged_batch(e, (11, 1, 56), (12, 1, 57)), id="13-0"),
+        "seq 12: stored under the entry id 13-0, not 12-0",
+    ),
+    (
+        "a batch entry with a gap inside",
+        lambda r, e: r.xadd(LOG, _forged_batch(e, (11, 1, 56), (13, 1, 57)), id="13-0"),
+        "seq 13: expected seq 12 after 11",
+    ),
+    (
+        "a batch entry whose updates are no JSON",
+        lambda r, e: r.xadd(LOG, {"e": e, "u": "[[11,", "k": ""}, id="11-0"),
+        "after seq 10: seq None is not an integer",
     ),
     ("the meta epoch gone", lambda r, e: r.hdel(META, "epoch"), "the meta hash holds no epoch"),
     (
