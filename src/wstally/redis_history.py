@@ -26,9 +26,10 @@ from wstally.store import ROW_COLUMNS, StoreError
 
 __all__ = ["CHUNK", "Entry", "RedisHistory"]
 
-# Entries per XRANGE: about a millisecond of Redis's time, so nodes writing beside the
-# reader are never held up for long.
-CHUNK = 1000
+# Entries per XRANGE: about a millisecond of Redis's time (an entry is one batch of the
+# nodes, ~100 updates under load), so nodes writing beside the reader are never held up
+# for long.
+CHUNK = 100
 _SEQ, _CLIENT, _NAME = (ROW_COLUMNS.index(c) for c in ("seq", "client", "name"))
 
 
