@@ -191,26 +191,26 @@ for a = 8, #ARGV, 3 do
 end
 
 if seq > first then
-  local s = string.format('%d', seq)
+  local s, packed = string.format('%d', seq), {}
+  for i, key in ipairs(keys) do packed[i] = #key .. ':' .. key end
+  -- One entry per batch, under its last seq: XADD, every follower's XREAD and its decoding
+  -- are paid once per batch instead of once per update. Written first: should XADD refuse
+  -- (a stream tampered with past the meta's seq), the batch has changed nothing else,
+  -- unless one of its deltas needed HINCRBY.
+  redis.call('XADD', log, s .. '-0', 'e', epoch, 'u', '[' .. table.concat(items, ',') .. ']',
+             'k', table.concat(packed))
   redis.call('HSET', meta, 'seq', s, 'total', total)
-  local kv, packed = {}, {}
-  for i, key in ipairs(keys) do
+  local kv = {}
+  for _, key in ipairs(keys) do
     kv[#kv + 1] = key
     kv[#kv + 1] = fresh[key]
-    packed[i] = #key .. ':' .. key
     if #kv == 1000 then redis.call('HSET', ids, unpack(kv)); kv = {} end
   end
   if #kv > 0 then redis.call('HSET', ids, unpack(kv)) end
-  -- One entry per batch, under its last seq: XADD, every follower's XREAD and its decoding
-  -- are paid once per batch instead of once per update.
-  redis.call('XADD', log, s .. '-0', 'e', epoch, 'u', '[' .. table.concat(items, ',') .. ']',
-             'k', table.concat(packed))
   local pruned = forget(seq, tonumber(ARGV[3]), tonumber(state[3] or '0'), 2 * (seq - first) + 100)
   -- Keep `keep` updates, and every update whose id is still remembered (forget reads them).
   local minid = math.min(seq - tonumber(ARGV[4]), pruned) + 1
   if minid > 1 then redis.call('XTRIM', log, 'MINID', '~', string.format('%d', minid)) end
-elseif not written then
-  redis.call('HSET', meta, 'total', total)  -- cannot happen: nothing applied, nothing added
 end
 
 local reply = 'ok ' .. epoch .. ' ' .. string.format('%d', seq) .. ' ' .. total
