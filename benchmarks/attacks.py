@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import json
 import math
 import multiprocessing
@@ -1440,6 +1441,13 @@ class FloodSpec:
     duration: float
     rate: float  # frames/s, 0 for as fast as possible
     reconnect: bool
+    source: str  # the flooder's own (loopback) address: the server bans addresses
+
+
+def loopback(text: str) -> str:
+    if not ipaddress.ip_address(text).is_loopback or ":" in text:
+        raise argparse.ArgumentTypeError(f"{text} is not an IPv4 loopback address")
+    return text
 
 
 def flood_worker(spec: FloodSpec, conn: Connection) -> None:
@@ -1465,10 +1473,15 @@ async def _flood(spec: FloodSpec) -> dict[str, Any]:
     while now() < end:
         try:
             ws = await connect(
-                url(spec.port), subprotocols=[SUBPROTOCOL], open_timeout=10, ping_interval=None
+                url(spec.port),
+                subprotocols=[SUBPROTOCOL],
+                open_timeout=10,
+                ping_interval=None,
+                local_addr=(spec.source, 0),
             )
         except Exception as exc:
-            failures[type(exc).__name__] += 1
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            failures[type(exc).__name__ + (f" {status}" if status else "")] += 1
             await asyncio.sleep(0.05)
             continue
         drain = asyncio.create_task(_drain(ws))
@@ -1559,7 +1572,9 @@ async def run_flood(args: argparse.Namespace) -> dict[str, Any]:
             phase = run.begin(f"{kind}_flood")
             pipes: list[Connection] = []
             for _ in range(args.flooders):
-                spec = FloodSpec(server.port, kind, args.duration, args.flood_rate, args.reconnect)
+                spec = FloodSpec(
+                    server.port, kind, args.duration, args.flood_rate, args.reconnect, args.source
+                )
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=flood_worker, args=(spec, child), daemon=True)
                 proc.start()
@@ -2074,6 +2089,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="reconnect",
         action="store_false",
         help="a flooder stops once closed (default: it reconnects and floods again)",
+    )
+    f.add_argument(
+        "--flooder-address",
+        dest="source",
+        type=loopback,
+        default="127.0.0.2",
+        help="the flooders' source address, in 127.0.0.0/8; the well-behaved clients use "
+        "127.0.0.1 (default 127.0.0.2: the server refuses a flooding address for a while)",
     )
     f.add_argument(
         "--duration",

@@ -508,10 +508,14 @@ async def test_a_sender_held_back_by_the_flow_gate_is_not_timed_out(
     # Its pong waits behind adds the server does not read: that is not a dead peer.
     store = GatedStore()
     server = await make_server(
-        store=store, rate_limit=0, frame_limit=0, ping_interval=0.2, ping_timeout=0.3
+        store=store, rate_limit=0, frame_limit=0, ping_interval=0.2, ping_timeout=0.5
     )
     store.gate.clear()
-    async with connect(server.url, subprotocols=[SUBPROTOCOL], ping_interval=None) as ws:
+    # max_queue=None: once the gate opens, 36,000 acks come back; the client reads them all
+    # at once, so that its pong (behind them) is not held up by its own receive queue.
+    async with connect(
+        server.url, subprotocols=[SUBPROTOCOL], ping_interval=None, max_queue=None
+    ) as ws:
         await ws.recv()
         await ws.send(json.dumps({"type": "hello", "client": "held"}))
         count = FLOW_HIGH + 20_000
@@ -524,7 +528,7 @@ async def test_a_sender_held_back_by_the_flow_gate_is_not_timed_out(
         async with asyncio.timeout(within(30)):
             while not server.flow.blocked:  # noqa: ASYNC110 - polled server state
                 await asyncio.sleep(0.01)
-        await asyncio.sleep(within(1.5))  # five ping timeouts with the gate shut
+        await asyncio.sleep(within(2.5))  # five ping timeouts with the gate shut
         store.gate.set()
         acks = 0
         async with asyncio.timeout(within(60)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Generator
 from http import HTTPStatus
 from math import ceil
@@ -18,6 +19,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import InvalidMessage
 from websockets.frames import CloseCode, Frame
+from websockets.protocol import SEND_EOF
 from websockets.server import ServerProtocol
 
 from wstally import logsetup
@@ -29,8 +31,10 @@ log = logsetup.get_logger("wstally.server")
 
 # Close code for a connection that sends frames faster than its budget (protocol.md).
 FLOOD = CloseCode.POLICY_VIOLATION
-# Reads are fed to websockets' parser at most this many bytes at a time (see data_received).
-SLICE = 16 * 1024
+# Reads are fed to websockets' parser this many bytes at a time (~170 pings), for at most
+# TURN seconds before the loop's other callbacks get their turn (see data_received).
+SLICE = 1024
+TURN = 0.001
 # After the close frame, what a flooder sends is discarded unread (cheap); it gets this long
 # to read the close frame and its reason (on a loaded machine, a second was not always
 # enough), then the connection is cut.
@@ -123,6 +127,9 @@ class TallyConnection(ServerConnection):
         self._window = self.loop.time()
         self.flooded = False
         self._received = 0  # bytes read since the keepalive last looked
+        self._backlog = bytearray()  # read, not yet parsed (see data_received)
+        self._eof = False  # the peer's EOF came while slices were waiting
+        self._held = False  # a shutdown stopped reading (hold_reading)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -143,17 +150,56 @@ class TallyConnection(ServerConnection):
         self._received += len(data)
         if self.flooded:
             return  # closed for flooding: what it still sends is dropped unparsed
+        if self._backlog:
+            # Slices of an earlier read are still waiting their turn: keep the order, and
+            # read no more until they are parsed.
+            self._backlog += data
+            self.transport.pause_reading()
+            return
         if len(data) <= SLICE:
             super().data_received(data)
             return
         # websockets parses (and answers, for pings) every frame of a read before we count
-        # one: a 256 KiB read of pings is 40,000 frames. In slices, a flood is cut within
-        # one slice of crossing its budget.
-        view = memoryview(data)
-        for start in range(0, len(data), SLICE):
-            super().data_received(bytes(view[start : start + SLICE]))
-            if self.flooded:
-                return
+        # one, in one go: a 256 KiB read of pings is 40,000 frames and 0.3 s of a loop that
+        # others' acks wait for. In slices, TURN at a time: a flood is cut within a slice of
+        # crossing its budget, and others' callbacks run between the turns.
+        self._backlog = bytearray(data)
+        self.transport.pause_reading()
+        self._feed()
+
+    def _feed(self) -> None:
+        backlog = self._backlog
+        deadline = time.perf_counter() + TURN
+        while backlog and not self.flooded:
+            data = bytes(backlog[:SLICE])
+            del backlog[:SLICE]
+            super().data_received(data)
+            if time.perf_counter() >= deadline:
+                break
+        if self.flooded:
+            backlog.clear()
+        if backlog:
+            self.loop.call_soon(self._feed)
+            return
+        # Read again, unless websockets' receive queue is full or a shutdown holds reads.
+        if not self.recv_messages.paused and not self._held:
+            self.transport.resume_reading()
+        if self._eof:
+            super().eof_received()
+
+    def eof_received(self) -> None:
+        if self._backlog:
+            self._eof = True  # after the slices still waiting, or they would be lost
+            return None
+        return super().eof_received()
+
+    def send_data(self) -> None:
+        # Each ping queues a pong, and websockets writes each on its own: 700 write calls
+        # for one slice of pings. Joined, one (and the pongs still go out in order).
+        writes = self.protocol.writes
+        if len(writes) > 1 and SEND_EOF not in writes:
+            self.protocol.writes = [b"".join(writes)]
+        super().send_data()
 
     def process_event(self, event: Any) -> None:
         super().process_event(event)
@@ -230,19 +276,22 @@ class TallyConnection(ServerConnection):
         """Read nothing more from the socket; frames already read stay queued."""
         if self.protocol.state.name in ("CLOSING", "CLOSED"):
             return
+        self._held = True
         self.transport.pause_reading()
         # websockets resumes reading once the handler drains its queue: not any more.
         self.recv_messages.resume = _stay_paused
 
     def release_reading(self) -> None:
         """Read again: the close handshake needs the client's close frame."""
+        self._held = False
         self.recv_messages.resume = self.transport.resume_reading
-        if not self.recv_messages.paused:
+        if not self.recv_messages.paused and not self._backlog:
             self.transport.resume_reading()
 
     def queued(self) -> int:
-        """Frames read from the socket that the handler has not taken yet."""
-        return len(self.recv_messages.frames)
+        """Frames read from the socket that the handler has not taken yet (at least one
+        while read bytes wait to be parsed)."""
+        return len(self.recv_messages.frames) + (1 if self._backlog else 0)
 
 
 def connection_class(frame_limit: int, penalties: Penalties | None) -> type[TallyConnection]:
