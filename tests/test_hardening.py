@@ -364,6 +364,19 @@ async def test_an_address_that_flooded_waits_before_connecting_again(
         assert await again.recv() == "Server records total=7"
 
 
+async def test_flood_ban_0_lets_a_flooder_straight_back(
+    serve: Callable[..., ServeProcess],
+) -> None:
+    # Behind a proxy every client has the proxy's address: there, no address is banned.
+    server = serve("--memory", "--port", "0", "--flood-ban", "0")
+    assert await flood_until_closed(server.url, "127.0.0.2") == 1008
+    options: dict[str, Any] = {"local_addr": ("127.0.0.2", 0)}
+    async with connect(server.url, **options) as again:
+        await again.send("5")
+        assert await again.recv() == "Server records total=5"
+    assert server.event("conn.flood")["ban_s"] == 0
+
+
 def test_penalties_double_and_are_forgotten() -> None:
     from wstally.penalty import FORGET_AFTER, MAX_BAN, Penalties
 

@@ -171,6 +171,15 @@ _LOAD_LIMITS = (
         metavar="N",
     ),
     flag(
+        "--flood-ban",
+        DEFAULTS.flood_ban,
+        "seconds an address closed for flooding is refused new connections (429), "
+        "doubling at each repeat up to a minute; 0 disables (do so behind a proxy, where "
+        "every client has the proxy's address)",
+        type=SECONDS,
+        metavar="SECS",
+    ),
+    flag(
         "--rate-limit",
         DEFAULTS.rate_limit,
         "adds per second per connection (token bucket, a second's worth of burst); 0 disables",
@@ -282,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
         metrics=not args.no_metrics,
         frame_limit=args.frame_limit,
         invalid_limit=args.invalid_limit,
+        flood_ban=args.flood_ban,
     )
     try:
         return _runner(args.loop)(run_server(config))
