@@ -8,8 +8,9 @@ Redis Cluster puts them in one slot)::
     {prefix}:log         stream, one entry per batch (its applied updates), entry id
                          "<last seq>-0", fields e (epoch), u (JSON, one item per update:
                          [seq, delta, total, at, conn, client, name, req_id]), k (the
-                         batch's dedup keys, each as "<len>:<key>"); an entry of one update
-                         with fields e, s, d, t, k, p (older versions) is still read
+                         batch's dedup keys, each as "<seq> <len>:<key>"); an entry of
+                         one update with fields e, s, d, t, k, p (older versions) is still
+                         read
     {prefix}:ids         hash: dedup key "<len(scope)>:<scope><req_id>" -> "<seq> <total>",
                          for the ids of the last ``window`` updates (``dedup_scope``)
     {prefix}:node:<node> hash: session, counter, reply: this node's last batch and its

@@ -63,36 +63,41 @@ local function exact_total(n)
   return redis.call('HGET', meta, 'total')
 end
 
--- The dedup keys an entry holds: a batch entry packs them as "<len>:<key>" one after the
--- other (any character may occur in a key); an entry of one update (as older versions
--- wrote) has its key in field k.
-local function entry_keys(f, dead)
+-- Adds to `dead` the dedup keys an entry holds for the seqs in (from, to]. A batch entry
+-- packs them as "<seq> <len>:<key>" one after the other (any character may occur in a
+-- key); an entry of one update (as older versions wrote) has its seq in s, its key in k.
+local function entry_keys(f, from, to, dead)
   if f[3] ~= 'u' then
-    if f[10] and f[10] ~= '' then dead[#dead + 1] = f[10] end
+    local s = tonumber(f[4])
+    if f[10] and f[10] ~= '' and s and s > from and s <= to then dead[#dead + 1] = f[10] end
     return
   end
   local packed, pos = f[6] or '', 1
   while pos <= #packed do
-    local colon = string.find(packed, ':', pos, true)
-    local n = colon and tonumber(string.sub(packed, pos, colon - 1))
-    if not n or n < 1 then return end  -- not written by this script: never loop on it
-    dead[#dead + 1] = string.sub(packed, colon + 1, colon + n)
+    local space = string.find(packed, ' ', pos, true)
+    local colon = space and string.find(packed, ':', space, true)
+    local s = colon and tonumber(string.sub(packed, pos, space - 1))
+    local n = colon and tonumber(string.sub(packed, space + 1, colon - 1))
+    if not s or not n or n < 1 then return end  -- not written by this script: never loop on it
+    if s > from and s <= to then dead[#dead + 1] = string.sub(packed, colon + 1, colon + n) end
     pos = colon + n + 1
   end
 end
 
 -- Forget the ids of updates that left the window, read from their stream entries; at most
 -- `budget` updates per batch so that a smaller window never makes one script long. An entry
--- is keyed by its last seq: one that straddles the horizon waits for a later batch, so ids
--- stay a little longer than the window, never shorter.
+-- is stored under its last seq, so the one after the horizon may begin before it: its keys
+-- up to the horizon go now (the window is exact), the rest with a later batch.
 local function forget(seq, window, pruned, budget)
   local horizon = math.min(seq - window, pruned + budget)
   if horizon <= pruned then return pruned end
   local rows = redis.call('XRANGE', log, string.format('%d', pruned + 1),
                           string.format('%d', horizon))
+  local straddling = redis.call('XRANGE', log, string.format('%d', horizon + 1), '+', 'COUNT', 1)
+  if straddling[1] then rows[#rows + 1] = straddling[1] end
   local dead = {}
   for _, row in ipairs(rows) do
-    entry_keys(row[2], dead)
+    entry_keys(row[2], pruned, horizon, dead)
     if #dead >= 1000 then redis.call('HDEL', ids, unpack(dead)); dead = {} end
   end
   if #dead > 0 then redis.call('HDEL', ids, unpack(dead)) end
@@ -154,7 +159,7 @@ local function add_slow(delta)
   return nil
 end
 
-local out, items, keys, fresh = {}, {}, {}, {}
+local out, items, keys, packed, fresh = {}, {}, {}, {}, {}
 for a = 8, #ARGV, 3 do
   local delta, key = ARGV[a], ARGV[a + 1]
   local seen = false
@@ -184,6 +189,7 @@ for a = 8, #ARGV, 3 do
       if key ~= '' then
         fresh[key] = s .. ' ' .. total
         keys[#keys + 1] = key
+        packed[#packed + 1] = s .. ' ' .. #key .. ':' .. key
       end
       out[#out + 1] = 'u ' .. s .. ' ' .. total
     end
@@ -191,8 +197,7 @@ for a = 8, #ARGV, 3 do
 end
 
 if seq > first then
-  local s, packed = string.format('%d', seq), {}
-  for i, key in ipairs(keys) do packed[i] = #key .. ':' .. key end
+  local s = string.format('%d', seq)
   -- One entry per batch, under its last seq: XADD, every follower's XREAD and its decoding
   -- are paid once per batch instead of once per update. Written first: should XADD refuse
   -- (a stream tampered with past the meta's seq), the batch has changed nothing else,
