@@ -18,6 +18,7 @@ import pytest
 from helpers import within
 from redisproc import RedisServer, redis_server_binary
 from servers import ServeProcess
+from wstally.loadgen import node_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "loadtest.py"
@@ -229,6 +230,55 @@ def test_spawned_runs_record_the_url_they_loaded(compared: Run) -> None:
     assert all(len(url) == 1 and url[0].startswith("ws://127.0.0.1:") for url in urls), urls
     assert "ws://127.0.0.1:8765/" not in [url[0] for url in urls]
     assert urls[0] != urls[1]
+
+
+def node_peer_or_skip() -> None:
+    """Skips the test without node or the ws package, or fails it when CI requires them."""
+    try:
+        node_peer.command()
+    except node_peer.PeerMissing as exc:
+        if os.environ.get("WSTALLY_REQUIRE_NODE") == "1":
+            pytest.fail(f"WSTALLY_REQUIRE_NODE=1 requires the Node peer: {exc}")
+        pytest.skip(f"{exc} (WSTALLY_REQUIRE_NODE=1 makes this a failure)")
+
+
+def test_compare_node_sets_the_peer_beside_wstally(tmp_path: Path) -> None:
+    node_peer_or_skip()
+    code, figures, output = loadtest(
+        tmp_path,
+        "--compare",
+        "node",
+        "--store",
+        "memory",
+        "--watchers",
+        "3",
+        "--senders",
+        "2",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+    )
+    assert code == 0, output
+    peer = figures["runs"]["node"]
+    assert peer["pass"] is True, output
+    assert peer["acked"] > 0
+    assert peer["server_cpu_seconds"] >= 0
+    assert peer["config"]["server_cmd"].endswith("benchmarks/node_ws_server.js")
+    assert figures["peer"]["ws"] == "8.23.0"  # pinned by benchmarks/package-lock.json
+    assert list(figures["ratios"]) == [
+        "ingest_per_s",
+        "ack_ms_p50",
+        "ack_ms_p99",
+        "fanout_ms_p50",
+        "fanout_ms_p99",
+        "server_cpu_seconds",
+        "server_cpu_us_per_delivery",
+    ]
+    assert all(ratio > 0 for ratio in figures["ratios"].values())
+    titles = [line.strip() for line in output.splitlines() if "load test" in line]
+    assert titles == ["wstally load test", "node load test"]
+    assert "wstally / node" in output
 
 
 def test_a_piped_table_is_not_wrapped(tmp_path: Path) -> None:

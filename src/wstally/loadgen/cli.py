@@ -180,9 +180,11 @@ def _load_flags(group: argparse._ArgumentGroup) -> None:
 def _mode_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--compare",
-        choices=("naive",),
-        help="run the same load against the naive reference server too "
-        "(wstally.loadgen.naive_server; implies --spawn) and print the ratios",
+        choices=("naive", "node"),
+        help="run the same load against a reference server too and print the ratios "
+        "(implies --spawn): naive, the textbook Python server (wstally.loadgen.naive_server); "
+        "node, the Node.js ws peer (benchmarks/node_ws_server.js: needs node 18+ and "
+        "npm ci --prefix benchmarks)",
     )
     group.add_argument(
         "--find-capacity",
