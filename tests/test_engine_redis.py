@@ -397,6 +397,21 @@ async def test_ids_leave_the_window_and_the_stream_is_trimmed(
     assert_gapless(history, first=history[0].seq)
 
 
+async def test_the_window_is_exact_inside_a_batch_entry(
+    engines: EngineFactory, inspect: Redis
+) -> None:
+    # One entry holds seqs 1 to 5 (stored under 5-0): with a window of 3, the ids of
+    # seqs 1 and 2 are forgotten although their entry stays, as the local engine does.
+    engine = await engines(window=3)
+    await engine.submit([add(1, f"r{n}", client="c") for n in range(1, 6)])
+    assert sorted(await inspect.hkeys(IDS)) == ["8:client:cr3", "8:client:cr4", "8:client:cr5"]
+    again = await engine.submit([add(1, "r2", client="c"), add(1, "r3", client="c")])
+    assert again == [Update(6, 1, 6, AT, "conn-1", "c", None, "r2"), Duplicate("r3", 3, 3)]
+    # The next batch forgets seq 4, still in the first entry, and keeps r2's new seq 6.
+    await engine.submit([add(1, "r7", client="c")])
+    assert sorted(await inspect.hkeys(IDS)) == ["8:client:cr2", "8:client:cr5", "8:client:cr7"]
+
+
 async def test_a_history_of_one_entry_per_update_goes_on(
     redis_server: RedisServer, engines: EngineFactory, inspect: Redis
 ) -> None:
