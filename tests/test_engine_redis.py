@@ -449,6 +449,18 @@ async def test_a_history_of_one_entry_per_update_goes_on(
     assert (verdict.rows, verdict.last_seq) == (11, 11)
 
 
+async def test_history_reads_entries_of_any_size(engines: EngineFactory) -> None:
+    # Entries of one update and of hundreds, mixed: the reads size themselves on both.
+    engine = await engines()
+    kept: list[Update] = []
+    for size in [1] * 150 + [300, 1, 1, 250] + [1] * 150:
+        kept += applied(await engine.submit([add(1, conn="c") for _ in range(size)]))
+    assert len(kept) == 852
+    assert await engine.history(0, 10_000) == kept
+    for since, limit in [(0, 256), (140, 256), (151, 1), (449, 256), (700, 256), (851, 5)]:
+        assert await engine.history(since, limit) == kept[since : since + limit]
+
+
 async def test_history_reads_in_chunks(engines: EngineFactory) -> None:
     engine = await engines()
     applied: list[Update] = []

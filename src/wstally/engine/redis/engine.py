@@ -345,15 +345,19 @@ class RedisEngine:
         redis = self._redis
         assert redis is not None
         updates: list[Update] = []
+        # An entry is one batch, from one update to hundreds: read a few, then as many as
+        # the updates still wanted need at the size seen, rather than CHUNK entries (tens
+        # of thousands of updates) for a recovery that asks for 256.
+        entries = 8
         while len(updates) < limit:
-            # Each entry holds at least one update: never more entries than updates wanted.
-            count = min(CHUNK, limit - len(updates))
+            count = min(CHUNK, limit - len(updates), entries)
 
             async def chunk(start: int = start, count: int = count) -> Any:
                 # An entry is stored under its last seq: the first may begin before start.
                 return await redis.xrange(self.keys[1], str(start), "+", count)
 
             rows = await self._retrying(chunk)
+            read = len(updates)
             for _id, f in rows:
                 if f[1] != self._epoch:
                     return updates  # a history the feed has not announced yet
@@ -361,6 +365,8 @@ class RedisEngine:
             if len(rows) < count:
                 break
             start = updates[-1].seq + 1
+            per_entry = max(1, (len(updates) - read) // len(rows))
+            entries = -(-(limit - len(updates)) // per_entry)  # rounded up
         return updates[:limit]
 
     def status(self) -> dict[str, Any]:
