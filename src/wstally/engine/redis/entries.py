@@ -134,13 +134,17 @@ def _source(conn: str, client: str | None, name: str | None) -> tuple[str, str]:
 def results(batch: Sequence[Submission], tokens: list[str]) -> list[Result]:
     """Each add's answer, from the tokens of an ``ok`` reply of the batch script."""
     answers: list[Result] = []
+    # The reply gives the seq and total before the batch; each applied add is the next seq
+    # and adds its delta (Redis applied exactly these, in this order, atomically).
+    seq, total = int(tokens[2]), int(tokens[3])
     i = 4
     for s in batch:
         kind = tokens[i]
         if kind == "u":
-            seq, total = int(tokens[i + 1]), int(tokens[i + 2])
+            seq += 1
+            total += s.delta
             answers.append(Update(seq, s.delta, total, s.at, s.conn, s.client, s.name, s.req_id))
-            i += 3
+            i += 1
         elif kind == "d":
             assert s.req_id is not None
             answers.append(Duplicate(s.req_id, int(tokens[i + 1]), int(tokens[i + 2])))

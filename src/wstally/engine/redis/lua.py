@@ -46,8 +46,9 @@ return {epoch, state[1], state[2]}
 # KEYS[4]: this node's hash (last batch and reply). ARGV: 1 expected epoch, 2 candidate
 # epoch, 3 window, 4 keep, 5 seconds to keep the reply, 6 session, 7 batch counter, then 3
 # per add: delta, dedup key ("" without an id), payload (JSON: at, conn, client, name, req_id).
-# Returns one string: "ok <epoch> <seq> <total>" then per add "u <seq> <total>" (applied),
-# "d <seq> <total>" (duplicate), "o" (overflow) or "b" (bad delta); or, with nothing
+# Returns one string: "ok <epoch> <seq> <total>" as they were before the batch, then per
+# add "u" (applied: the next seq, the total plus its delta), "d <seq> <total>"
+# (duplicate), "o" (overflow) or "b" (bad delta); or, with nothing
 # applied, "epoch <epoch> <seq> <total>" when Redis holds another history, "stale" for a
 # batch older than this session's last one.
 BATCH_LUA = (
@@ -191,7 +192,7 @@ for a = 8, #ARGV, 3 do
         keys[#keys + 1] = key
         packed[#packed + 1] = s .. ' ' .. #key .. ':' .. key
       end
-      out[#out + 1] = 'u ' .. s .. ' ' .. total
+      out[#out + 1] = 'u'  -- the node counts the seq and the total, from the header
     end
   end
 end
@@ -218,7 +219,7 @@ if seq > first then
   if minid > 1 then redis.call('XTRIM', log, 'MINID', '~', string.format('%d', minid)) end
 end
 
-local reply = 'ok ' .. epoch .. ' ' .. string.format('%d', seq) .. ' ' .. total
+local reply = 'ok ' .. epoch .. ' ' .. state[1] .. ' ' .. state[2]
 if #out > 0 then reply = reply .. ' ' .. table.concat(out, ' ') end
 redis.call('HSET', node, 'session', session, 'counter', ARGV[7], 'reply', reply)
 redis.call('EXPIRE', node, ARGV[5])
