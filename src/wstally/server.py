@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import contextvars
 import errno
+import gc
 import os
 import resource
 import signal
@@ -44,7 +45,9 @@ from wstally.stats import StatsLogger
 from wstally.store import Store, StoreError
 from wstally.view import ServerView
 
-__all__ = ["ServerConfig", "StartupError", "TallyServer", "run"]
+__all__ = ["GC_THRESHOLD", "ServerConfig", "StartupError", "TallyServer", "run"]
+
+GC_THRESHOLD = (20_000, 50, 100)  # Python's defaults: (700, 10, 10); see _tune_gc
 
 log = logsetup.get_logger("wstally.server")
 
@@ -334,6 +337,19 @@ class TallyServer:
         await asyncio.sleep(0)
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper pauses of the cyclic garbage collector.
+
+    With 600 connections replaying, Python's default thresholds (700, 10, 10) collected
+    every few hundred milliseconds: 5-26 ms for the youngest generation, ~50 ms for the
+    middle one and 80-100 ms for a full pass, and others' p99 ack rose to 75-97 ms. What was
+    built at start (modules, the loaded state) is frozen out of every pass; the young
+    generation is collected after GC_THRESHOLD[0] allocations rather than 700.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def _reopen_logs() -> None:
     files = logsetup.reopen()
     log.info("server.logs_reopened", signal="SIGHUP", files=files)
@@ -373,6 +389,7 @@ async def run(config: ServerConfig) -> int:
     except (StoreError, StartupError) as exc:
         log.error("server.failed", error=str(exc))
         raise
+    _tune_gc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
