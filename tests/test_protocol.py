@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wstally import protocol
 from wstally.protocol import (
     ERROR_CODES,
     JSON_PARSE_ERRORS,
@@ -693,3 +694,25 @@ def test_server_frames_decode_to_typed_messages() -> None:
     for bad in ("nope", '{"type":"ack"}', '{"type":"updates","seq":1,"total":1,"items":[1]}'):
         with pytest.raises((ValueError, KeyError, TypeError)):
             decode_server(bad)
+
+
+def _outcome(parse: Any, text: str) -> object:
+    try:
+        return parse(text)
+    except ProtocolError as exc:
+        return (exc.code, str(exc), exc.req_id)
+
+
+@given(
+    delta=st.one_of(int64s, st.integers(-(10**20), 10**20)),
+    req_id=st.text(st.characters(max_codepoint=0x7F), max_size=70),
+    spaced=st.booleans(),
+)
+@settings(max_examples=500, deadline=None)
+def test_the_plain_add_fast_path_answers_as_the_decoder_does(
+    delta: int, req_id: str, spaced: bool
+) -> None:
+    sep = ", " if spaced else ","
+    colon = ": " if spaced else ":"
+    text = f'{{"type"{colon}"add"{sep}"delta"{colon}{delta}{sep}"id"{colon}{json.dumps(req_id)}}}'
+    assert _outcome(protocol.parse_json, text) == _outcome(protocol._parse_decoded, text)

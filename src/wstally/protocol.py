@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from websockets.typing import Subprotocol
 
@@ -116,8 +116,7 @@ class Hello:
     epoch: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Add:
+class Add(NamedTuple):  # one per add frame: a named tuple is built 3x faster
     delta: int
     req_id: str | None = None
 
@@ -168,8 +167,27 @@ def _loads(text: str) -> Any:
         raise ProtocolError("bad_json", f"invalid JSON: {exc}") from None
 
 
+# The add frame as our clients, the page and the load test write it (compact, or with
+# json.dumps' default spaces), with an id that needs no escape: matched without the JSON
+# decoder, at a third of its cost. Anything else, or a delta past int64, takes the full path.
+_PLAIN_ADD = re.compile(
+    r'\{"type": ?"add", ?"delta": ?(-?(?:0|[1-9][0-9]{0,18})), ?"id": ?"([ !#-\[\]-~]{1,'
+    + str(MAX_ID)
+    + r'})"\}'
+).fullmatch
+
+
 def parse_json(text: str) -> Hello | Add:
     """Parse a JSON-mode frame into a typed message or raise ProtocolError."""
+    match = _PLAIN_ADD(text)
+    if match is not None:
+        delta = int(match[1])
+        if in_int64(delta):
+            return Add(delta, match[2])
+    return _parse_decoded(text)
+
+
+def _parse_decoded(text: str) -> Hello | Add:
     obj = _loads(text)
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", "a message must be a JSON object")

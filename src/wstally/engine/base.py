@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from wstally.tally import Duplicate, Refused, Update
 
@@ -27,9 +27,9 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """One add as a connection hands it to the engine (already parsed and in int64)."""
+class Submission(NamedTuple):
+    """One add as a connection hands it to the engine (already parsed and in int64); a named
+    tuple, as ``Update`` is, since one is built per add."""
 
     delta: int
     conn: str

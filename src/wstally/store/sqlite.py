@@ -12,7 +12,6 @@ notices when the path no longer names the open file, and the store then refuses 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import os
 import sqlite3
@@ -49,7 +48,7 @@ CREATE TABLE IF NOT EXISTS updates (
 """
 
 # In Update's field order, so that ``Update(*row)`` rebuilds an update from a selected row.
-_COLUMNS = ", ".join(field.name for field in dataclasses.fields(Update))
+_COLUMNS = ", ".join(Update._fields)
 
 
 class SQLiteStore:

@@ -6,7 +6,6 @@ Pure functions over strings: no connection, no clock.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -35,7 +34,7 @@ def history_keys(prefix: str) -> tuple[str, str, str]:
 
 
 # An entry's s, d and t and then its payload hold an update's fields in this order.
-_UPDATE_FIELDS = tuple(field.name for field in dataclasses.fields(Update))
+_UPDATE_FIELDS = Update._fields
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
