@@ -10,10 +10,8 @@ import asyncio
 import contextlib
 import contextvars
 import errno
-import gc
 import os
 import resource
-import signal
 import ssl
 import time
 
@@ -42,12 +40,10 @@ from wstally.penalty import Penalties
 from wstally.protocol import SUBPROTOCOL
 from wstally.recovery import Recovery
 from wstally.stats import StatsLogger
-from wstally.store import Store, StoreError
+from wstally.store import Store
 from wstally.view import ServerView
 
-__all__ = ["GC_THRESHOLD", "ServerConfig", "StartupError", "TallyServer", "run"]
-
-GC_THRESHOLD = (20_000, 50, 100)  # Python's defaults: (700, 10, 10); see _tune_gc
+__all__ = ["ServerConfig", "StartupError", "TallyServer"]
 
 log = logsetup.get_logger("wstally.server")
 
@@ -337,24 +333,6 @@ class TallyServer:
         await asyncio.sleep(0)
 
 
-def _tune_gc() -> None:
-    """Fewer, cheaper pauses of the cyclic garbage collector.
-
-    With 600 connections replaying, Python's default thresholds (700, 10, 10) collected
-    every few hundred milliseconds: 5-26 ms for the youngest generation, ~50 ms for the
-    middle one and 80-100 ms for a full pass, and others' p99 ack rose to 75-97 ms. What was
-    built at start (modules, the loaded state) is frozen out of every pass; the young
-    generation is collected after GC_THRESHOLD[0] allocations rather than 700.
-    """
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
-
-
-def _reopen_logs() -> None:
-    files = logsetup.reopen()
-    log.info("server.logs_reopened", signal="SIGHUP", files=files)
-
-
 def _fd_capacity() -> int:
     """Connections this process can hold: its file descriptor limit, less a reserve for
     the store, the log file and the handshakes in progress."""
@@ -379,32 +357,3 @@ def _tls_context(cfg: ServerConfig) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cfg.certfile, cfg.keyfile)
     return context
-
-
-async def run(config: ServerConfig) -> int:
-    """Serve until SIGINT/SIGTERM; a second signal forces an immediate exit."""
-    try:
-        server = TallyServer(config)
-        await server.start()
-    except (StoreError, StartupError) as exc:
-        log.error("server.failed", error=str(exc))
-        raise
-    _tune_gc()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            log.warning("server.forced_exit", signal=signal.Signals(signum).name)
-            os._exit(1)
-        log.info("server.signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    # The Unix convention for daemons: SIGHUP reopens the log file (after logrotate moved
-    # it away) and the server keeps serving; its default action would end the process.
-    loop.add_signal_handler(signal.SIGHUP, _reopen_logs)
-    await stop.wait()
-    await server.stop()
-    return 0

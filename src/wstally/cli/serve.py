@@ -255,8 +255,8 @@ def _runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
 
 def run(args: argparse.Namespace) -> int:
     """Start the server the flags describe; its exit status."""
+    from wstally.process import run as run_server
     from wstally.server import ServerConfig, StartupError
-    from wstally.server import run as run_server
     from wstally.store import StoreError
 
     token = args.token
