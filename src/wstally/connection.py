@@ -110,10 +110,6 @@ def _guarded_parse(protocol: ServerProtocol, banned: float = 0.0) -> Generator[N
     yield
 
 
-def _stay_paused() -> None:
-    """Stands in for websockets' resume-reading callback while reads are held."""
-
-
 class Intake:
     """What a connection has read, and what it may still read: its frame budgets, the bytes
     waiting to be parsed, and whether reading is held or over."""
@@ -151,6 +147,9 @@ class TallyConnection(ServerConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        # websockets resumes reading once the handler drains its queue: not while read
+        # bytes still wait to be parsed (a read would jump the queue), nor during a hold.
+        self.recv_messages.resume = self._resume_reading
         protocol = self.protocol
         protocol.parser = _guarded_parse(protocol, self._banned())
         next(protocol.parser)
@@ -185,8 +184,16 @@ class TallyConnection(ServerConnection):
         self.transport.pause_reading()
         self._feed()
 
+    def _resume_reading(self) -> None:
+        intake = self.intake
+        if not intake.backlog and not intake.held and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def _feed(self) -> None:
         backlog = self.intake.backlog
+        if self.transport.is_closing():
+            backlog.clear()  # nothing read now could be answered
+            return
         deadline = time.perf_counter() + TURN
         while backlog and not self.intake.flooded:
             data = bytes(backlog[:SLICE])
@@ -199,17 +206,27 @@ class TallyConnection(ServerConnection):
         if backlog:
             self.loop.call_soon(self._feed)
             return
-        # Read again, unless websockets' receive queue is full or a shutdown holds reads.
-        if not self.recv_messages.paused and not self.intake.held:
-            self.transport.resume_reading()
         if self.intake.eof:
-            super().eof_received()
+            # The peer's EOF, kept behind the slices: now websockets may see it, and the
+            # transport closes as it would have (eof_received returned True meanwhile).
+            self.intake.eof = False
+            if not super().eof_received():
+                self.transport.close()
+            return
+        # Read again, unless websockets' receive queue is full or a shutdown holds reads.
+        if not self.recv_messages.paused:
+            self._resume_reading()
 
-    def eof_received(self) -> None:
+    # websockets' own returns None (close the transport); True keeps it open.
+    def eof_received(self) -> bool | None:  # type: ignore[override]
         if self.intake.backlog:
             self.intake.eof = True  # after the slices still waiting, or they would be lost
-            return None
+            return True
         return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.intake.backlog.clear()  # read but never parsed: it goes with the connection
+        super().connection_lost(exc)
 
     def send_data(self) -> None:
         # Each ping queues a pong, and websockets writes each on its own: 700 write calls
@@ -307,17 +324,14 @@ class TallyConnection(ServerConnection):
         """Read nothing more from the socket; frames already read stay queued."""
         if self.protocol.state.name in ("CLOSING", "CLOSED"):
             return
-        self.intake.held = True
+        self.intake.held = True  # and websockets' resume does nothing (_resume_reading)
         self.transport.pause_reading()
-        # websockets resumes reading once the handler drains its queue: not any more.
-        self.recv_messages.resume = _stay_paused
 
     def release_reading(self) -> None:
         """Read again: the close handshake needs the client's close frame."""
         self.intake.held = False
-        self.recv_messages.resume = self.transport.resume_reading
-        if not self.recv_messages.paused and not self.intake.backlog:
-            self.transport.resume_reading()
+        if not self.recv_messages.paused:
+            self._resume_reading()
 
     def queued(self) -> int:
         """Frames read from the socket that the handler has not taken yet (at least one

@@ -226,7 +226,8 @@ class Handler:
         if not window.over(limit, time.monotonic):
             return
         ws = peer.ws
-        assert isinstance(ws, TallyConnection)  # the server's connection class
+        if not isinstance(ws, TallyConnection):  # the server's connection class, always
+            raise TypeError(f"not a TallyConnection: {type(ws).__name__}")
         ws.close_for_flood(f"too many invalid frames: at most {limit} per second", limit, "invalid")
 
     def refuse(self, peer: Peer, code: str, message: str, req_id: str | None, raw: str) -> None:

@@ -4,7 +4,8 @@ A frame budget closes a flooding connection within a fraction of a second, but e
 session costs a handshake and a budget's worth of frames before it is closed: a flooder that
 reconnects at once kept the loop busy and others' acks 45x slower. After a flood close, its
 address waits before it may connect again (429 with Retry-After), --flood-ban (1 s) the first
-time and twice as long at each repeat, up to a minute; connections already open are not touched.
+time and twice as long at each repeat, up to a minute (or the first ban, if longer);
+connections already open are not touched.
 
 Pure bookkeeping: the caller passes the clock. Bounded: past MAX_ADDRESSES the oldest entry
 is forgotten (a spoofing attacker gains nothing by churning addresses; TCP needs a real one).
@@ -36,7 +37,7 @@ class Penalties:
         strikes, until = self._entries.pop(address, (0, now))
         if now - until > FORGET_AFTER:
             strikes = 0
-        ban = min(self.first * float(2 ** min(strikes, 16)), MAX_BAN)
+        ban = min(self.first * float(2 ** min(strikes, 16)), max(MAX_BAN, self.first))
         self._entries[address] = (strikes + 1, now + ban)
         if len(self._entries) > MAX_ADDRESSES:
             del self._entries[next(iter(self._entries))]

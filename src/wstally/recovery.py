@@ -87,9 +87,12 @@ class Recovery:
         while cursor < hub.seq:
             # Reading and encoding are bounded (MAX_REPLAYS at once); waiting for a client
             # to read is not, so a client that never reads cannot hold up anyone's replay.
+            if hub.seq - cursor > MAX_RECOVERY:
+                # Live updates outran the paced replay: a snapshot instead, never a replay
+                # that cannot end.
+                return self._not_recovered(peer, since, f"more than {MAX_RECOVERY} updates behind")
             async with self._replays:
                 await self._take_turn()
-                started = time.perf_counter()
                 try:
                     batch = await self.engine.history(cursor, min(hub.seq - cursor, CHUNK))
                 except Exception as exc:
@@ -103,6 +106,8 @@ class Recovery:
                     return self._not_recovered(peer, since, "those updates are no longer kept")
                 if peer not in hub.peers or ws.protocol.state is not State.OPEN:
                     return None  # gone meanwhile
+                # Only the loop's part is charged: the read waited on the store's thread.
+                started = time.perf_counter()
                 for frame in protocol.encode_updates_frames(batch):
                     hub.send(peer, frame)
                 replayed += len(batch)
@@ -124,8 +129,8 @@ class Recovery:
             await asyncio.sleep(wait)
 
     def _spent(self, seconds: float) -> None:
-        """A step took ``seconds`` (wall time: the read's thread competes for the GIL too);
-        the next may start once the others have had their share of the loop."""
+        """A step held the loop for ``seconds`` (encoding and writing a chunk); the next
+        may start once the others have had their share of the loop."""
         now = asyncio.get_running_loop().time()
         self._next_step = max(self._next_step, now) + seconds * (1 / REPLAY_SHARE - 1)
 
@@ -137,7 +142,12 @@ class Recovery:
 
 
 def _send_buffer(peer: Peer, size: int) -> None:
-    sock = peer.ws.transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):  # closed meanwhile: nothing to size
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    # Setting it turns the kernel's autotuning off for this socket: AFTER_REPLAY_SNDBUF is a
+    # fixed size (capped at twice net.core.wmem_max), not the default restored.
+    transport = peer.ws.transport
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.is_closing():
+        return
+    # Closed meanwhile: uvloop's socket object then raises ValueError (a negative fd).
+    with contextlib.suppress(OSError, ValueError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
