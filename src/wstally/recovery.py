@@ -82,17 +82,19 @@ class Recovery:
         epoch = hub.epoch
         replayed = 0
         cursor = since
+        behind = hub.seq - since
         # A chunk at a time: commits (and so acks) take turns with the reads on the store's
         # thread, and the loop is never held for more than one chunk's encoding.
         while cursor < hub.seq:
             # Reading and encoding are bounded (MAX_REPLAYS at once); waiting for a client
             # to read is not, so a client that never reads cannot hold up anyone's replay.
-            if hub.seq - cursor > MAX_RECOVERY:
-                # Live updates outran the paced replay: a snapshot instead, never a replay
-                # that cannot end.
-                return self._not_recovered(peer, since, f"more than {MAX_RECOVERY} updates behind")
+            if hub.seq - cursor > behind + MAX_RECOVERY:
+                # Live updates outran the paced replay by as much again as it may replay: a
+                # snapshot instead, never a replay that cannot end.
+                return self._not_recovered(peer, since, "the replay fell too far behind")
             async with self._replays:
                 await self._take_turn()
+                started = time.perf_counter()
                 try:
                     batch = await self.engine.history(cursor, min(hub.seq - cursor, CHUNK))
                 except Exception as exc:
@@ -106,8 +108,6 @@ class Recovery:
                     return self._not_recovered(peer, since, "those updates are no longer kept")
                 if peer not in hub.peers or ws.protocol.state is not State.OPEN:
                     return None  # gone meanwhile
-                # Only the loop's part is charged: the read waited on the store's thread.
-                started = time.perf_counter()
                 for frame in protocol.encode_updates_frames(batch):
                     hub.send(peer, frame)
                 replayed += len(batch)
@@ -129,8 +129,10 @@ class Recovery:
             await asyncio.sleep(wait)
 
     def _spent(self, seconds: float) -> None:
-        """A step held the loop for ``seconds`` (encoding and writing a chunk); the next
-        may start once the others have had their share of the loop."""
+        """A step took ``seconds``, its read included (the read's thread takes the GIL from
+        the loop, and the store's time from the commits); the next may start once the
+        others have had their share. This overcharges a step whose read waited: an honest
+        replay is slowed, never others."""
         now = asyncio.get_running_loop().time()
         self._next_step = max(self._next_step, now) + seconds * (1 / REPLAY_SHARE - 1)
 
