@@ -4,10 +4,11 @@ peer's EOF or reset arriving while slices still wait."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -51,22 +52,10 @@ class Echo:
             self.closed.set()
 
 
-@pytest.fixture(scope="module")
-def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
-    # The server runs on uvloop (wstally serve's default), whose transports call back in
-    # another order than asyncio's: the defects these tests keep out showed only there.
-    policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
-    return policy
-
-
-@pytest.fixture
-async def echo(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Echo, Server]]:
-    # Every read of more than a slice is parsed one slice a loop turn: the waiting slices
-    # are what the peer's EOF and reset must not overtake.
-    monkeypatch.setattr(connection, "TURN", 0.0)
+@contextlib.asynccontextmanager
+async def echo_server() -> AsyncIterator[tuple[Echo, Server]]:
     recorder = Echo()
     loop = asyncio.get_running_loop()
-    assert type(loop).__module__.startswith("uvloop")
 
     def on_error(_loop: Any, context: dict[str, Any]) -> None:
         recorder.errors.append(f"{context.get('message')} {context.get('exception')!r}")
@@ -76,7 +65,13 @@ async def echo(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Echo, Ser
         recorder.handler, "127.0.0.1", 0, create_connection=connection_class(0, None)
     ) as server:
         yield recorder, server
-    loop.set_exception_handler(None)
+
+
+@pytest.fixture(autouse=True)
+def one_slice_a_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every read of more than a slice is parsed one slice a loop turn: the waiting slices
+    # are what the peer's EOF and reset must not overtake.
+    monkeypatch.setattr(connection, "TURN", 0.0)
 
 
 async def open_raw(server: Server) -> socket.socket:
@@ -90,37 +85,49 @@ async def open_raw(server: Server) -> socket.socket:
     return sock
 
 
+def on_uvloop(scenario: Callable[[Echo, Server], Awaitable[None]]) -> None:
+    """Run ``scenario`` against a fresh server on a uvloop loop of its own: uvloop (wstally
+    serve's default) calls back in another order than asyncio, and the defects these tests
+    keep out showed only there."""
+
+    async def main() -> None:
+        async with echo_server() as (recorder, server):
+            await scenario(recorder, server)
+
+    uvloop.run(main())
+
+
 @pytest.mark.parametrize("close_frame", [True, False])
-async def test_frames_ahead_of_the_eof_are_all_taken(
-    echo: tuple[Echo, Server], close_frame: bool
-) -> None:
-    recorder, server = echo
-    sock = await open_raw(server)
-    burst = b"".join(client_frame(b"m%06d" % i) for i in range(300))
-    burst += b"".join(client_frame(b"B" * 3000) for _ in range(5))
-    if close_frame:
-        burst += client_frame(struct.pack("!H", 1000), 0x8)
-    sock.sendall(burst)
-    sock.shutdown(socket.SHUT_WR)  # the EOF arrives while most of the burst waits
-    await asyncio.wait_for(recorder.closed.wait(), within(10))
-    sock.close()
-    assert recorder.got[:300] == [f"m{i:06d}" for i in range(300)]
-    assert recorder.got[300:] == ["B" * 3000] * 5
-    assert recorder.errors == []
+def test_frames_ahead_of_the_eof_are_all_taken(close_frame: bool) -> None:
+    async def scenario(recorder: Echo, server: Server) -> None:
+        sock = await open_raw(server)
+        burst = b"".join(client_frame(b"m%06d" % i) for i in range(300))
+        burst += b"".join(client_frame(b"B" * 3000) for _ in range(5))
+        if close_frame:
+            burst += client_frame(struct.pack("!H", 1000), 0x8)
+        sock.sendall(burst)
+        sock.shutdown(socket.SHUT_WR)  # the EOF arrives while most of the burst waits
+        await asyncio.wait_for(recorder.closed.wait(), within(10))
+        sock.close()
+        assert recorder.got[:300] == [f"m{i:06d}" for i in range(300)]
+        assert recorder.got[300:] == ["B" * 3000] * 5
+        assert recorder.errors == []
+
+    on_uvloop(scenario)
 
 
-async def test_a_reset_while_slices_wait_raises_nothing(
-    echo: tuple[Echo, Server],
-) -> None:
-    recorder, server = echo
-    sock = await open_raw(server)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the echoes back up soon
-    sock.sendall(b"".join(client_frame(b"m%06d" % i) for i in range(15000)))
-    await asyncio.sleep(0.01)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()  # RST: the connection is lost with read bytes still unparsed
-    await asyncio.wait_for(recorder.closed.wait(), within(10))
-    await asyncio.sleep(0.05)  # the turns that were already scheduled
-    got = recorder.got
-    assert got == [f"m{i:06d}" for i in range(len(got))]  # in order, whatever was taken
-    assert recorder.errors == []
+def test_a_reset_while_slices_wait_raises_nothing() -> None:
+    async def scenario(recorder: Echo, server: Server) -> None:
+        sock = await open_raw(server)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # echoes back up soon
+        sock.sendall(b"".join(client_frame(b"m%06d" % i) for i in range(15000)))
+        await asyncio.sleep(0.01)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST: the connection is lost with read bytes still unparsed
+        await asyncio.wait_for(recorder.closed.wait(), within(10))
+        await asyncio.sleep(0.05)  # the turns that were already scheduled
+        got = recorder.got
+        assert got == [f"m{i:06d}" for i in range(len(got))]  # in order, whatever was taken
+        assert recorder.errors == []
+
+    on_uvloop(scenario)
