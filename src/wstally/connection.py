@@ -114,15 +114,10 @@ class Intake:
     """What a connection has read, and what it may still read: its frame budgets, the bytes
     waiting to be parsed, and whether reading is held or over."""
 
-    __slots__ = ("backlog", "control", "eof", "flooded", "frames", "held", "received", "window")
+    __slots__ = ("backlog", "control", "eof", "flooded", "frames", "held", "received")
 
     def __init__(self, now: float) -> None:
-        # A fixed one-second window: one increment and one comparison per frame; the clock
-        # is read only when the count passes the limit.
-        self.frames = 0
-        # The first window starts now: starting it at 0 let a flood's first crossing merely
-        # reset it, so that twice the budget went by before it counted.
-        self.window = now
+        self.frames = Window(now)  # every frame, the frame budget
         self.control: Window | None = None  # pings and pongs (made at the first one)
         self.flooded = False  # closed for flooding: what it still sends is dropped unparsed
         self.received = 0  # bytes read since the keepalive last looked
@@ -238,10 +233,11 @@ class TallyConnection(ServerConnection):
 
     def process_event(self, event: Any) -> None:
         super().process_event(event)
-        if self.frame_limit and type(event) is Frame:
-            self.intake.frames += 1
-            if self.intake.frames > self.frame_limit:
-                self._over_budget()
+        limit = self.frame_limit
+        if limit and type(event) is Frame:
+            if self.intake.frames.over(limit, self.loop.time):
+                reason = f"too many frames: at most {limit} per second"
+                self.close_for_flood(reason, limit, "frames")
             elif event.opcode in CONTROL:
                 self._control_frame()
 
@@ -255,15 +251,6 @@ class TallyConnection(ServerConnection):
         if window.over(CONTROL_LIMIT, self.loop.time):
             reason = f"too many pings and pongs: at most {CONTROL_LIMIT} per second"
             self.close_for_flood(reason, CONTROL_LIMIT, "control")
-
-    def _over_budget(self) -> None:
-        now = self.loop.time()
-        if now - self.intake.window >= 1.0:
-            self.intake.window = now
-            self.intake.frames = 1
-            return
-        limit = self.frame_limit
-        self.close_for_flood(f"too many frames: at most {limit} per second", limit, "frames")
 
     def close_for_flood(self, reason: str, limit: int, kind: str) -> None:
         """Close with 1008 and ``reason``; its address waits before connecting again."""
