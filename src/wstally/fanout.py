@@ -11,11 +11,14 @@ from dataclasses import dataclass
 
 from wstally import protocol
 from wstally.tally import Update
+from wstally.writer import framed
 
 __all__ = [
+    "NOTHING",
     "Broadcast",
     "Mode",
     "Phase",
+    "Shared",
     "Verdict",
     "broadcast",
     "lag_verdict",
@@ -43,17 +46,35 @@ class Phase(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Broadcast:
-    """One flush's shared frames, encoded once for every connection."""
+class Shared:
+    """Frames that many connections get alike: their payloads, and the same frames framed
+    for the wire once (``writer.framed``), which is what most connections are written."""
 
-    json: Sequence[bytes]  # updates frames (at most UPDATES_PER_FRAME items each)
-    plain: Sequence[bytes]  # one "Server records total=N" per update
+    frames: Sequence[bytes]
+    wire: bytes
+
+    @classmethod
+    def of(cls, frames: Sequence[bytes]) -> Shared:
+        return cls(frames, framed(frames))
+
+
+NOTHING = Shared((), b"")
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """One flush's shared frames, encoded (and framed) once for every connection."""
+
+    json: Shared  # updates frames (at most UPDATES_PER_FRAME items each)
+    plain: Shared  # one "Server records total=N" per update
     presence: bytes | None  # the client count, when it changed
+    # The presence frame, then the updates: for JSON peers that do not know the count yet.
+    announced: Shared
     clients: int
 
     @property
     def empty(self) -> bool:
-        return not self.json and self.presence is None
+        return not self.json.frames and self.presence is None
 
 
 def split(pending: list[Update], most: int) -> tuple[list[Update], list[Update]]:
@@ -63,26 +84,35 @@ def split(pending: list[Update], most: int) -> tuple[list[Update], list[Update]]
     return pending[:most], pending[most:]
 
 
-def broadcast(updates: Sequence[Update], clients: int, presence_changed: bool) -> Broadcast:
+def broadcast(
+    updates: Sequence[Update], clients: int, presence_changed: bool, plain: bool = True
+) -> Broadcast:
+    """One flush's frames; ``plain``: whether any plain-mode connection needs its own."""
     json_frames = [f.encode() for f in protocol.encode_updates_frames(updates)]
-    plain = [line.encode() for line in protocol.plain_totals(updates)]
+    json = Shared.of(json_frames) if json_frames else NOTHING
+    plain_frames = NOTHING
+    if plain and updates:
+        plain_frames = Shared.of([t.encode() for t in protocol.plain_totals(updates)])
     presence = protocol.encode_presence(clients).encode() if presence_changed else None
-    return Broadcast(json_frames, plain, presence, clients)
+    announced = NOTHING
+    if presence is not None:
+        announced = Shared((presence, *json.frames), framed((presence,)) + json.wire)
+    return Broadcast(json, plain_frames, presence, announced, clients)
 
 
 def shared_frames(
     mode: Mode, phase: Phase, clients_seen: int, frames: Broadcast
-) -> tuple[Sequence[bytes], int]:
+) -> tuple[Shared, int]:
     """The shared frames one connection gets, and the client count it then knows."""
     if mode is Mode.PLAIN:
         return frames.plain, clients_seen
     if phase is not Phase.LIVE:
-        return (), clients_seen
+        return NOTHING, clients_seen
     # Peers that already know the count (joins and leaves cancelled out, or their snapshot
     # said so) get the updates without the presence frame.
     if frames.presence is None or clients_seen == frames.clients:
         return frames.json, clients_seen
-    return (frames.presence, *frames.json), frames.clients
+    return frames.announced, frames.clients
 
 
 def may_write(buffered: int, limit: int, force: bool = False) -> bool:

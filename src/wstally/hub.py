@@ -19,11 +19,11 @@ from typing import Any
 from websockets.protocol import State
 
 from wstally import fanout, logsetup, protocol
-from wstally.fanout import Mode, Phase, Verdict
+from wstally.fanout import NOTHING, Mode, Phase, Shared, Verdict
 from wstally.flow import Flow
 from wstally.peer import Lag, Peer
 from wstally.tally import Update
-from wstally.writer import write_frames
+from wstally.writer import write_shared
 
 __all__ = ["Hub", "Lag", "Mode", "Peer", "Phase"]
 
@@ -206,7 +206,7 @@ class Hub:
         self._dirty.pop(peer, None)
         if peer.outbox and (force or not peer.lagging):
             own, peer.outbox = peer.outbox, []
-            self._write(peer, own, [], force=force, limit=limit)
+            self._write(peer, own, NOTHING, force=force, limit=limit)
 
     def _flush_own(self) -> None:
         self._own_handle = None
@@ -214,7 +214,7 @@ class Hub:
         for peer in dirty:
             if peer.outbox and not peer.lagging:
                 own, peer.outbox = peer.outbox, []
-                self._write(peer, own, [])
+                self._write(peer, own, NOTHING)
 
     def _schedule(self) -> None:
         if self._flush_handle is None:
@@ -259,7 +259,9 @@ class Hub:
         if updates:
             last = updates[-1]
             self.seq, self.total = last.seq, last.total
-        frames = fanout.broadcast(updates, self.clients, self._presence_dirty)
+        frames = fanout.broadcast(
+            updates, self.clients, self._presence_dirty, plain=self.by_mode[Mode.PLAIN] > 0
+        )
         self._presence_dirty = False
         targets: Any = self._dirty if frames.empty else self.peers
         self._dirty = {}
@@ -267,7 +269,7 @@ class Hub:
             for peer in self.lagging:
                 own, peer.outbox = peer.outbox, []
                 if own:
-                    self._write(peer, own, (), force=True)
+                    self._write(peer, own, NOTHING, force=True)
         for peer in targets:
             if peer.lag is not None:
                 continue
@@ -277,7 +279,7 @@ class Hub:
             shared, peer.clients_seen = fanout.shared_frames(
                 peer.mode, peer.phase, peer.clients_seen, frames
             )
-            if own or shared:
+            if own or shared.wire:
                 self._write(peer, own, shared, force=force)
         if updates:
             self.deliveries += len(updates) * len(self.peers)
@@ -290,7 +292,7 @@ class Hub:
         self,
         peer: Peer,
         own: list[bytes],
-        shared: Sequence[bytes],
+        shared: Shared,
         force: bool = False,
         limit: int | None = None,
     ) -> None:
@@ -300,10 +302,10 @@ class Hub:
         if not fanout.may_write(buffered, self.buffer_limit if limit is None else limit, force):
             self._fall_behind(peer, own, buffered)
             return
-        written = write_frames(ws, (*own, *shared) if shared else own)
+        written = write_shared(ws, own, shared.frames, shared.wire)
         if written is None:
             return
-        count = len(own) + len(shared)
+        count = len(own) + len(shared.frames)
         peer.frames_out += count
         peer.bytes_out += written
         self.bytes_sent += written
@@ -380,7 +382,7 @@ class Hub:
         if frame is not None:
             peer.outbox.append(frame)
         own, peer.outbox = peer.outbox, []
-        self._write(peer, own, ())
+        self._write(peer, own, NOTHING)
         if peer.lag is None:
             lag.drained.set()
             if self.on_resync is not None:

@@ -4,18 +4,31 @@ websockets' own ``send()`` costs a write (a syscall) per message; the hub hands 
 frames for one connection to the transport at once. This is websockets' ``send_data()``
 with the frames joined, and its guard: never between the fragments of a message that
 ``send()`` is still streaming.
+
+The broadcast is framed once per flush (``framed``), not once per connection: a server's
+frames are not masked, so without an extension (compression) every connection gets the
+same bytes. Framing a frame through websockets' protocol object costs about 2 us; at a
+thousand connections that was a fifth of a flush.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-__all__ = ["write_frames"]
+__all__ = ["framed", "write_frames", "write_shared"]
 
 OPEN = State.OPEN
+TEXT = Opcode.TEXT
+
+
+def framed(payloads: Iterable[bytes]) -> bytes:
+    """``payloads`` as text frames, as a server writes them to a connection without
+    extensions (unmasked, uncompressed): the same bytes for every such connection."""
+    return b"".join(Frame(TEXT, p).serialize(mask=False) for p in payloads)
 
 
 def write_frames(ws: ServerConnection, frames: Iterable[bytes]) -> int | None:
@@ -40,4 +53,28 @@ def write_frames(ws: ServerConnection, frames: Iterable[bytes]) -> int | None:
             transport.write_eof()
         else:
             transport.close()
+    return len(chunk)
+
+
+def write_shared(
+    ws: ServerConnection, own: Sequence[bytes], frames: Sequence[bytes], wire: bytes
+) -> int | None:
+    """Write ``own`` then the shared ``frames``, which ``wire`` holds already framed (see
+    ``framed``); as ``write_frames`` otherwise, and the bytes written."""
+    protocol = ws.protocol
+    if protocol.extensions or protocol.debug:
+        # Compressed per connection, or logged frame by frame: framed here, as before.
+        return write_frames(ws, (*own, *frames))
+    if protocol.state is not OPEN or ws.send_in_progress is not None:
+        return None
+    if own:
+        send_text = protocol.send_text
+        for frame in own:
+            send_text(frame)
+    # Whatever the protocol queued (own frames, a pong) goes first, in one write. No
+    # end-of-stream marker can be among it: only closing queues one, and we are open.
+    data = protocol.data_to_send()
+    chunk = b"".join((*data, wire)) if data else wire
+    if chunk:
+        ws.transport.write(chunk)
     return len(chunk)
