@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from websockets.protocol import State
@@ -36,6 +38,24 @@ SLOW_CONSUMER = 4008
 # past --buffer-limit (8 frames). A longer backlog leaves in the next flush, and meanwhile
 # holds the flow gate shut so that the senders, not our memory, absorb it.
 MAX_FLUSH = 8 * protocol.UPDATES_PER_FRAME
+# A broadcast is written a slice at a time, about this long per event-loop turn: between
+# slices the loop reads adds, takes finished commits and sends acks, which would otherwise
+# wait behind a whole broadcast (5-20 ms to a thousand sockets) once or twice each.
+SLICE = 0.001
+# Peers written between two looks at the clock.
+SLICE_CHECK = 16
+
+
+@dataclass(slots=True)
+class Round:
+    """One broadcast being written: to whom, and how far it got."""
+
+    frames: fanout.Broadcast
+    targets: list[Peer]
+    updates: int
+    force: bool
+    index: int = 0
+    cost: float = 0.0  # loop time spent writing it, over all its slices
 
 
 class Hub:
@@ -80,6 +100,8 @@ class Hub:
         self._dirty: dict[Peer, None] = {}
         self._presence_dirty = False
         self._flush_handle: asyncio.Handle | None = None
+        self._round: Round | None = None  # the broadcast being written, slice by slice
+        self._slice_handle: asyncio.Handle | None = None
         self._own_handle: asyncio.Handle | None = None
         self._presence_handle: asyncio.TimerHandle | None = None
         self._resync_handle: asyncio.TimerHandle | None = None
@@ -103,6 +125,7 @@ class Hub:
     def restart(self, epoch: str, seq: int, total: int, reason: str) -> None:
         """A new history replaced the one everyone follows: what was pending belongs to the
         old one; every client gets the new position (JSON: a snapshot, not recovered)."""
+        self.finish()
         self._pending = []
         self.flow.level("broadcast", 0)
         self.reset(epoch, seq, total)
@@ -149,6 +172,9 @@ class Hub:
 
     def go_live(self, peer: Peer, **snapshot: Any) -> None:
         """The snapshot at the current position (with ``snapshot``'s fields), then live."""
+        # A broadcast in progress covers updates the snapshot counts: it must not reach
+        # this peer after it, as it would if the peer's slice were still to come.
+        self.finish()
         self.cancel_hold(peer)
         peer.phase = Phase.LIVE
         self.send(peer, self.snapshot(peer, **snapshot))
@@ -217,7 +243,8 @@ class Hub:
                 self._write(peer, own, NOTHING)
 
     def _schedule(self) -> None:
-        if self._flush_handle is None:
+        # While a broadcast is being written, the next one waits for its end (_next_slice).
+        if self._flush_handle is None and self._round is None:
             loop = asyncio.get_running_loop()
             # Spend at most about a third of the loop's time broadcasting: a flush to many
             # clients costs milliseconds, and what waits meanwhile shares the next one.
@@ -242,19 +269,22 @@ class Hub:
     def _presence_due(self) -> None:
         self._presence_handle = None
         self._presence_dirty = True
-        self.flush()
+        if self._round is None:
+            self.flush()  # else at the end of the broadcast in progress
 
     def flush(self, force: bool = False) -> None:
         """Write everything queued since the last flush, broadcast included.
 
-        ``force`` (at shutdown) also writes lagging peers their own frames (acks, errors),
-        whatever their buffers hold: they are about to be closed and must not lose an ack.
+        The writes go out a slice at a time (``_next_slice``); ``force`` (at shutdown)
+        writes them all now, and lagging peers their own frames (acks, errors) whatever
+        their buffers hold: they are about to be closed and must not lose an ack.
         """
         if self._flush_handle is not None:
             # Called directly (presence, shutdown): the scheduled flush would only repeat us.
             self._flush_handle.cancel()
             self._flush_handle = None
-        started = self._last_flush = asyncio.get_running_loop().time()
+        self.finish()
+        self._last_flush = asyncio.get_running_loop().time()
         updates, self._pending = fanout.split(self._pending, MAX_FLUSH)
         if updates:
             last = updates[-1]
@@ -263,29 +293,62 @@ class Hub:
             updates, self.clients, self._presence_dirty, plain=self.by_mode[Mode.PLAIN] > 0
         )
         self._presence_dirty = False
-        targets: Any = self._dirty if frames.empty else self.peers
+        targets = list(self._dirty if frames.empty else self.peers)
         self._dirty = {}
         if force:
             for peer in self.lagging:
                 own, peer.outbox = peer.outbox, []
                 if own:
                     self._write(peer, own, NOTHING, force=True)
-        for peer in targets:
-            if peer.lag is not None:
-                continue
-            own = peer.outbox
-            if own:
-                peer.outbox = []
-            shared, peer.clients_seen = fanout.shared_frames(
-                peer.mode, peer.phase, peer.clients_seen, frames
+        self._round = Round(frames, targets, len(updates), force)
+        self._next_slice(math.inf if force else SLICE)
+
+    def finish(self) -> None:
+        """Write the rest of a broadcast in progress now: before a connection's position
+        changes (a snapshot, a resync), or the next broadcast."""
+        if self._round is not None:
+            if self._slice_handle is not None:
+                self._slice_handle.cancel()
+            self._next_slice(math.inf)
+
+    def _next_slice(self, budget: float = SLICE) -> None:
+        """Write the broadcast in progress to the next peers, for about ``budget`` seconds."""
+        self._slice_handle = None
+        round_ = self._round
+        if round_ is None:
+            return
+        clock = asyncio.get_running_loop().time
+        started = clock()
+        deadline = started + budget
+        frames, targets, force = round_.frames, round_.targets, round_.force
+        index, end = round_.index, len(round_.targets)
+        while index < end:
+            peer = targets[index]
+            index += 1
+            if peer.lag is None:
+                own = peer.outbox
+                if own:
+                    peer.outbox = []
+                shared, peer.clients_seen = fanout.shared_frames(
+                    peer.mode, peer.phase, peer.clients_seen, frames
+                )
+                if own or shared.wire:
+                    self._write(peer, own, shared, force=force)
+            if not index % SLICE_CHECK and clock() > deadline:
+                break
+        round_.index = index
+        round_.cost += clock() - started
+        if index < end:
+            self._slice_handle = asyncio.get_running_loop().call_soon(
+                self._next_slice, context=self._context
             )
-            if own or shared.wire:
-                self._write(peer, own, shared, force=force)
-        if updates:
-            self.deliveries += len(updates) * len(self.peers)
-            self._flush_cost = asyncio.get_running_loop().time() - started
+            return
+        self._round = None
+        if round_.updates:
+            self.deliveries += round_.updates * len(self.peers)
+            self._flush_cost = round_.cost
         self.flow.level("broadcast", len(self._pending))
-        if self._pending:
+        if self._pending or self._presence_dirty:
             self._schedule()
 
     def _write(
@@ -375,6 +438,7 @@ class Hub:
             )
 
     def _resync(self, peer: Peer, lag: Lag) -> None:
+        self.finish()  # as in go_live: no broadcast after the snapshot that sums it up
         del self.lagging[peer]
         peer.lag = None
         # Whatever it missed is summed up by the current position.
@@ -408,9 +472,16 @@ class Hub:
         peer.resume()
 
     def close(self) -> None:
-        handles = (self._flush_handle, self._own_handle, self._presence_handle, self._resync_handle)
+        handles = (
+            self._flush_handle,
+            self._own_handle,
+            self._presence_handle,
+            self._resync_handle,
+            self._slice_handle,
+        )
         for handle in handles:
             if handle is not None:
                 handle.cancel()
-        self._flush_handle = self._own_handle = None
+        self._round = None
+        self._flush_handle = self._own_handle = self._slice_handle = None
         self._presence_handle = self._resync_handle = None
