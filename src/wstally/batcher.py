@@ -174,6 +174,7 @@ class Batcher:
                 )
         if last is not None and last.seq > self.seq:
             self.seq, self.total = last.seq, last.total
+        self.hub.flush_queued()
         self._account(batch, applied, seconds, first, last)
 
     def _account(
