@@ -28,9 +28,14 @@ def _read_lines(stream: TextIO, queue: asyncio.Queue[str | None]) -> None:
 
     def pump() -> None:
         # A thread, because a blocking read of stdin cannot be awaited portably.
-        for line in stream:
-            loop.call_soon_threadsafe(queue.put_nowait, line)
-        loop.call_soon_threadsafe(queue.put_nowait, None)
+        try:
+            for line in stream:
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+        except RuntimeError:
+            # The loop closed under us (Ctrl-C, say, then stdin's end): no one is left to
+            # read the line, and a traceback from this thread would only alarm the user.
+            pass
 
     threading.Thread(target=pump, name="stdin", daemon=True).start()
 
