@@ -68,6 +68,11 @@ def test_shared_frames_are_framed_once_as_websockets_frames_them() -> None:
         for payload in shared.frames:
             protocol_.send_text(payload)
         assert shared.wire == b"".join(protocol_.data_to_send())
+    # Every length encoding: 7 bits, 16 bits, 64 bits, at their edges.
+    for size in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+        payload = b"x" * size
+        protocol_.send_text(payload)
+        assert writer.text_frame(payload) == b"".join(protocol_.data_to_send())
 
 
 def test_nothing_to_share_is_empty() -> None:

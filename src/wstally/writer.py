@@ -16,19 +16,31 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import Frame, Opcode
+from websockets.frames import Opcode
 from websockets.protocol import State
 
-__all__ = ["framed", "write_frames", "write_shared"]
+__all__ = ["framed", "text_frame", "write_frames", "write_shared"]
 
 OPEN = State.OPEN
-TEXT = Opcode.TEXT
+FIN_TEXT = 0x80 | Opcode.TEXT.value  # the first byte of a final text frame
 
 
 def framed(payloads: Iterable[bytes]) -> bytes:
     """``payloads`` as text frames, as a server writes them to a connection without
     extensions (unmasked, uncompressed): the same bytes for every such connection."""
-    return b"".join(Frame(TEXT, p).serialize(mask=False) for p in payloads)
+    return b"".join(map(text_frame, payloads))
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One final, unmasked text frame (RFC 6455, 5.2): what websockets' ``Frame.serialize``
+    makes of it without extensions (a test holds them equal), at a tenth of its cost: an
+    ack is framed per add."""
+    size = len(payload)
+    if size < 126:
+        return bytes((FIN_TEXT, size)) + payload
+    if size < 65536:
+        return bytes((FIN_TEXT, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((FIN_TEXT, 127)) + size.to_bytes(8, "big") + payload
 
 
 def write_frames(ws: ServerConnection, frames: Iterable[bytes]) -> int | None:
@@ -67,14 +79,13 @@ def write_shared(
         return write_frames(ws, (*own, *frames))
     if protocol.state is not OPEN or ws.send_in_progress is not None:
         return None
-    if own:
-        send_text = protocol.send_text
-        for frame in own:
-            send_text(frame)
-    # Whatever the protocol queued (own frames, a pong) goes first, in one write. No
-    # end-of-stream marker can be among it: only closing queues one, and we are open.
+    # Whatever the protocol queued (a pong, say) goes first, in one write. No end-of-stream
+    # marker can be among it: only closing queues one, and we are open.
     data = protocol.data_to_send()
-    chunk = b"".join((*data, wire)) if data else wire
+    if own:
+        chunk = b"".join((*data, *map(text_frame, own), wire))
+    else:
+        chunk = b"".join((*data, wire)) if data else wire
     if chunk:
         ws.transport.write(chunk)
     return len(chunk)
