@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from structlog.testing import capture_logs
 
 from helpers import JsonClient, OpenClient, ServerFactory
 from wstally import hub as hub_module
@@ -23,7 +24,7 @@ async def test_a_broadcast_in_slices_reaches_everyone_once_and_in_order(
     slices: dict[int, int] = {}
     next_slice = hub._next_slice
 
-    def counting(budget: float = hub_module.SLICE) -> None:
+    def counting(budget: float | None = None) -> None:
         if hub._round is not None:
             if id(hub._round) not in slices:
                 rounds.append(hub._round)
@@ -58,3 +59,32 @@ async def test_a_broadcast_in_slices_reaches_everyone_once_and_in_order(
         assert len(acks) == per_sender
     # 40 to 50 peers in slices of 16: a broadcast to all took three or four turns.
     assert max(slices.values()) >= 3
+
+
+async def test_a_write_that_raises_does_not_stop_the_broadcasts(
+    make_server: ServerFactory, open_client: OpenClient
+) -> None:
+    # A transport can raise on write once its handle is closed, before connection_lost has
+    # run: the rest of that broadcast, and every later one, must still go out.
+    server = await make_server(memory=True)
+    broken, *others = [await open_client(server.url, {"client": f"c{i}"}) for i in range(3)]
+    sender = others[0]
+    (peer,) = [p for p in server.hub.peers if p.client == "c0"]
+
+    def refuse(data: bytes | bytearray | memoryview) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    real_write = peer.ws.transport.write
+    peer.ws.transport.write = refuse  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        for delta in (1, 2, 3):
+            assert (await sender.add(delta, f"a{delta}"))["type"] == "ack"
+            for client in others:
+                items = await client.items_until(delta)
+                assert items[-1]["total"] == sum(range(1, delta + 1))
+    assert server.hub._round is None
+    assert broken.items() == []
+    failed = [e for e in logs if e["event"] == "broadcast.write_failed"]
+    assert failed
+    assert {e["client"] for e in failed} == {"c0"}
+    peer.ws.transport.write = real_write  # type: ignore[method-assign]

@@ -1,12 +1,14 @@
-"""The connection manager: registry, presence and the per-tick coalesced broadcast.
+"""The connection manager: registry, presence and the coalesced broadcast.
 
 Everything the server sends goes through here. A connection's own frames (acks, errors, a
-snapshot) leave at the end of the event-loop tick that queued them; the broadcast leaves at
-most once per flush interval (longer under load), as ``updates`` frames encoded once and
-shared by every JSON client, handed to each socket together with its own frames in one
-write. A write per small message is the cost that bounds a naive server (docs/architecture.md
-and docs/benchmarks.md): this is where it is saved. What goes to whom is decided in
-``fanout`` (no I/O); ``writer`` writes.
+snapshot) leave at the end of the event-loop tick that queued them (a batch's acks as soon
+as it is answered); the broadcast leaves at most once per flush interval (longer under
+load), as ``updates`` frames encoded and framed once and shared by every JSON client,
+handed to each socket together with its own frames in one write. A write per small message
+is the cost that bounds a naive server (docs/architecture.md and docs/benchmarks.md): this
+is where it is saved. A broadcast to many sockets is written a slice per loop turn, so that
+it does not hold up reads, commits and acks for its whole length. What goes to whom is
+decided in ``fanout`` (no I/O); ``writer`` writes.
 """
 
 from __future__ import annotations
@@ -283,15 +285,19 @@ class Hub:
     def flush(self, force: bool = False) -> None:
         """Write everything queued since the last flush, broadcast included.
 
-        The writes go out a slice at a time (``_next_slice``); ``force`` (at shutdown)
-        writes them all now, and lagging peers their own frames (acks, errors) whatever
-        their buffers hold: they are about to be closed and must not lose an ack.
+        A broadcast still being written is finished first. The writes go out a slice at a
+        time (``_next_slice``); ``force`` (at shutdown) writes them all now, and lagging
+        peers their own frames (acks, errors) whatever their buffers hold: they are about to
+        be closed and must not lose an ack.
         """
+        if self._round is not None:
+            self._round.force |= force
+            self.finish()
         if self._flush_handle is not None:
-            # Called directly (presence, shutdown): the scheduled flush would only repeat us.
+            # Called directly (presence, shutdown), or scheduled by the round just finished:
+            # a scheduled flush would only repeat us.
             self._flush_handle.cancel()
             self._flush_handle = None
-        self.finish()
         self._last_flush = asyncio.get_running_loop().time()
         updates, self._pending = fanout.split(self._pending, MAX_FLUSH)
         if updates:
@@ -301,15 +307,21 @@ class Hub:
             updates, self.clients, self._presence_dirty, plain=self.by_mode[Mode.PLAIN] > 0
         )
         self._presence_dirty = False
-        targets = list(self._dirty if frames.empty else self.peers)
-        self._dirty = {}
+        if frames.empty:
+            targets = list(self._dirty)
+            self._dirty = {}
+        else:
+            # Frames queued for a few peers (acks, snapshots) still leave at the end of this
+            # tick (_flush_own), not when the broadcast's slice reaches their peer: a new
+            # connection's snapshot must not wait for a broadcast to 15,000 others.
+            targets = list(self.peers)
         if force:
             for peer in self.lagging:
                 own, peer.outbox = peer.outbox, []
                 if own:
                     self._write(peer, own, NOTHING, force=True)
         self._round = Round(frames, targets, len(updates), force)
-        self._next_slice(math.inf if force else SLICE)
+        self._next_slice(math.inf if force else None)
 
     def finish(self) -> None:
         """Write the rest of a broadcast in progress now: before a connection's position
@@ -319,8 +331,9 @@ class Hub:
                 self._slice_handle.cancel()
             self._next_slice(math.inf)
 
-    def _next_slice(self, budget: float = SLICE) -> None:
-        """Write the broadcast in progress to the next peers, for about ``budget`` seconds."""
+    def _next_slice(self, budget: float | None = None) -> None:
+        """Write the broadcast in progress to the next peers, for about ``budget`` seconds
+        (default: SLICE)."""
         self._slice_handle = None
         round_ = self._round
         if round_ is None:
@@ -328,7 +341,7 @@ class Hub:
         # Not the loop's clock: uvloop's advances once per loop turn, a millisecond at most.
         clock = time.perf_counter
         started = clock()
-        deadline = started + budget
+        deadline = started + (SLICE if budget is None else budget)
         frames, targets, force = round_.frames, round_.targets, round_.force
         index, end = round_.index, len(round_.targets)
         while index < end:
@@ -341,8 +354,13 @@ class Hub:
                 shared, peer.clients_seen = fanout.shared_frames(
                     peer.mode, peer.phase, peer.clients_seen, frames
                 )
-                if own or shared.wire:
-                    self._write(peer, own, shared, force=force)
+                try:
+                    if own or shared.wire:
+                        self._write(peer, own, shared, force=force)
+                except Exception:
+                    # One socket's failure (a transport closed under us) must not end the
+                    # round: a round that never ends would stop every broadcast after it.
+                    log.exception("broadcast.write_failed", **peer.context())
             if not index % SLICE_CHECK and clock() > deadline:
                 break
         round_.index = index
@@ -354,7 +372,7 @@ class Hub:
             return
         self._round = None
         if round_.updates:
-            self.deliveries += round_.updates * len(self.peers)
+            self.deliveries += round_.updates * len(targets)
             self._flush_cost = round_.cost
         self.flow.level("broadcast", len(self._pending))
         if self._pending or self._presence_dirty:

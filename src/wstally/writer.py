@@ -33,8 +33,8 @@ def framed(payloads: Iterable[bytes]) -> bytes:
 
 def text_frame(payload: bytes) -> bytes:
     """One final, unmasked text frame (RFC 6455, 5.2): what websockets' ``Frame.serialize``
-    makes of it without extensions (a test holds them equal), at a tenth of its cost: an
-    ack is framed per add."""
+    makes of it without extensions (a test holds them equal), at a third of the cost of
+    websockets' ``send_text``: an ack is framed per add."""
     size = len(payload)
     if size < 126:
         return bytes((FIN_TEXT, size)) + payload
