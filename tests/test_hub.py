@@ -8,7 +8,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from helpers import JsonClient, OpenClient, ServerFactory
-from wstally import hub as hub_module
+from wstally import rounds as rounds_module
 
 
 async def test_a_broadcast_in_slices_reaches_everyone_once_and_in_order(
@@ -17,21 +17,22 @@ async def test_a_broadcast_in_slices_reaches_everyone_once_and_in_order(
     # No time budget: every slice is SLICE_CHECK peers, so each broadcast to the 40
     # watchers takes several loop turns, during which adds arrive, acks leave and late
     # joiners go live with a snapshot. None of them may get an update twice or miss one.
-    monkeypatch.setattr(hub_module, "SLICE", 0.0)
+    monkeypatch.setattr(rounds_module, "SLICE", 0.0)
     server = await make_server(memory=True)
     hub = server.hub
-    rounds: list[hub_module.Round] = []  # kept alive, so that their ids stay theirs
+    rounds: list[rounds_module.Round] = []  # kept alive, so that their ids stay theirs
     slices: dict[int, int] = {}
-    next_slice = hub._next_slice
+    next_slice = hub.rounds._next
 
     def counting(budget: float | None = None) -> None:
-        if hub._round is not None:
-            if id(hub._round) not in slices:
-                rounds.append(hub._round)
-            slices[id(hub._round)] = slices.get(id(hub._round), 0) + 1
+        current = hub.rounds.current
+        if current is not None:
+            if id(current) not in slices:
+                rounds.append(current)
+            slices[id(current)] = slices.get(id(current), 0) + 1
         next_slice(budget)
 
-    hub._next_slice = counting  # type: ignore[method-assign]
+    hub.rounds._next = counting  # type: ignore[method-assign]
     watchers = [await open_client(server.url, {"client": f"w{i}"}) for i in range(40)]
     senders, per_sender = watchers[:3], 100
     late: list[JsonClient] = []
@@ -82,7 +83,7 @@ async def test_a_write_that_raises_does_not_stop_the_broadcasts(
             for client in others:
                 items = await client.items_until(delta)
                 assert items[-1]["total"] == sum(range(1, delta + 1))
-    assert server.hub._round is None
+    assert server.hub.rounds.current is None
     assert broken.items() == []
     failed = [e for e in logs if e["event"] == "broadcast.write_failed"]
     assert failed

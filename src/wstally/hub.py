@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from websockets.protocol import State
@@ -27,6 +24,7 @@ from wstally import fanout, logsetup, protocol
 from wstally.fanout import NOTHING, Mode, Phase, Shared, Verdict
 from wstally.flow import Flow
 from wstally.peer import Lag, Peer
+from wstally.rounds import Round, Rounds
 from wstally.tally import Update
 from wstally.writer import write_shared
 
@@ -41,24 +39,6 @@ SLOW_CONSUMER = 4008
 # past --buffer-limit (8 frames). A longer backlog leaves in the next flush, and meanwhile
 # holds the flow gate shut so that the senders, not our memory, absorb it.
 MAX_FLUSH = 8 * protocol.UPDATES_PER_FRAME
-# A broadcast is written a slice at a time, about this long per event-loop turn: between
-# slices the loop reads adds, takes finished commits and sends acks, which would otherwise
-# wait behind a whole broadcast (5-20 ms to a thousand sockets) once or twice each.
-SLICE = 0.001
-# Peers written between two looks at the clock.
-SLICE_CHECK = 16
-
-
-@dataclass(slots=True)
-class Round:
-    """One broadcast being written: to whom, and how far it got."""
-
-    frames: fanout.Broadcast
-    targets: list[Peer]
-    updates: int
-    force: bool
-    index: int = 0
-    cost: float = 0.0  # loop time spent writing it, over all its slices
 
 
 class Hub:
@@ -103,8 +83,6 @@ class Hub:
         self._dirty: dict[Peer, None] = {}
         self._presence_dirty = False
         self._flush_handle: asyncio.Handle | None = None
-        self._round: Round | None = None  # the broadcast being written, slice by slice
-        self._slice_handle: asyncio.Handle | None = None
         self._own_handle: asyncio.Handle | None = None
         self._presence_handle: asyncio.TimerHandle | None = None
         self._resync_handle: asyncio.TimerHandle | None = None
@@ -112,6 +90,8 @@ class Hub:
         # in that of whichever connection scheduled them, so that no event they log carries
         # another connection's bound fields.
         self._context = contextvars.Context()
+        # The broadcast being written, a slice per loop turn (rounds.py).
+        self.rounds = Rounds(self._write, self._round_done, self._context)
         # Counters for stats and tests.
         self.bytes_sent = 0
         self.by_mode = dict.fromkeys(Mode, 0)
@@ -254,7 +234,7 @@ class Hub:
 
     def _schedule(self) -> None:
         # While a broadcast is being written, the next one waits for its end (_next_slice).
-        if self._flush_handle is None and self._round is None:
+        if self._flush_handle is None and self.rounds.current is None:
             loop = asyncio.get_running_loop()
             # Spend at most about a third of the loop's time broadcasting: a flush to many
             # clients costs milliseconds, and what waits meanwhile shares the next one.
@@ -279,7 +259,7 @@ class Hub:
     def _presence_due(self) -> None:
         self._presence_handle = None
         self._presence_dirty = True
-        if self._round is None:
+        if self.rounds.current is None:
             self.flush()  # else at the end of the broadcast in progress
 
     def flush(self, force: bool = False) -> None:
@@ -290,9 +270,7 @@ class Hub:
         peers their own frames (acks, errors) whatever their buffers hold: they are about to
         be closed and must not lose an ack.
         """
-        if self._round is not None:
-            self._round.force |= force
-            self.finish()
+        self.rounds.finish(force)
         if self._flush_handle is not None:
             # Called directly (presence, shutdown), or scheduled by the round just finished:
             # a scheduled flush would only repeat us.
@@ -320,67 +298,25 @@ class Hub:
                 own, peer.outbox = peer.outbox, []
                 if own:
                     self._write(peer, own, NOTHING, force=True)
-        self._round = Round(frames, targets, len(updates), force)
         # Only updates are sliced: what waits behind them is the senders' acks. A presence
         # frame alone (clients joining by the thousand) goes out in one go: sliced, it cost
         # 35-70 % of the handshakes per second at 15,000 connections for as many rounds
         # and writes (docs/benchmarks.md; perhaps dearer writes to readers that went back
         # to sleep between slices).
-        self._next_slice(math.inf if force or not updates else None)
+        round_ = Round(frames, targets, len(updates), force)
+        self.rounds.start(round_, sliced=bool(updates) and not force)
 
     def finish(self) -> None:
         """Write the rest of a broadcast in progress now: before a connection's position
         changes (a snapshot, a resync), or the next broadcast."""
-        if self._round is not None:
-            if self._slice_handle is not None:
-                self._slice_handle.cancel()
-            self._next_slice(math.inf)
+        self.rounds.finish()
 
-    def _next_slice(self, budget: float | None = None) -> None:
-        """Write the broadcast in progress to the next peers, for about ``budget`` seconds
-        (default: SLICE)."""
-        self._slice_handle = None
-        round_ = self._round
-        if round_ is None:
-            return
-        # Not the loop's clock: uvloop's advances once per loop turn, a millisecond at most.
-        clock = time.perf_counter
-        started = clock()
-        deadline = started + (SLICE if budget is None else budget)
-        frames, targets, force = round_.frames, round_.targets, round_.force
-        index, end = round_.index, len(round_.targets)
-        while index < end:
-            peer = targets[index]
-            index += 1
-            if peer.lag is None:
-                own = peer.outbox
-                if own:
-                    peer.outbox = []
-                shared, peer.clients_seen = fanout.shared_frames(
-                    peer.mode, peer.phase, peer.clients_seen, frames
-                )
-                try:
-                    if own or shared.wire:
-                        self._write(peer, own, shared, force=force)
-                except Exception:
-                    # One socket's failure (a transport closed under us) must not end the
-                    # round: a round that never ends would stop every broadcast after it.
-                    log.exception("broadcast.write_failed", **peer.context())
-            if not index % SLICE_CHECK and clock() > deadline:
-                break
-        round_.index = index
-        round_.cost += clock() - started
-        if index < end:
-            self._slice_handle = asyncio.get_running_loop().call_soon(
-                self._next_slice, context=self._context
-            )
-            return
-        self._round = None
+    def _round_done(self, round_: Round) -> None:
         # The next broadcast is timed as if this one had been written in one go, ending now:
         # the slices' gaps went to other work, which the interval is there to leave room for.
         self._last_flush = asyncio.get_running_loop().time() - round_.cost
         if round_.updates:
-            self.deliveries += round_.updates * len(targets)
+            self.deliveries += round_.updates * len(round_.targets)
             self._flush_cost = round_.cost
         self.flow.level("broadcast", len(self._pending))
         if self._pending or self._presence_dirty:
@@ -507,16 +443,10 @@ class Hub:
         peer.resume()
 
     def close(self) -> None:
-        handles = (
-            self._flush_handle,
-            self._own_handle,
-            self._presence_handle,
-            self._resync_handle,
-            self._slice_handle,
-        )
+        handles = (self._flush_handle, self._own_handle, self._presence_handle, self._resync_handle)
         for handle in handles:
             if handle is not None:
                 handle.cancel()
-        self._round = None
-        self._flush_handle = self._own_handle = self._slice_handle = None
+        self.rounds.cancel()
+        self._flush_handle = self._own_handle = None
         self._presence_handle = self._resync_handle = None
