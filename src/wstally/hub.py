@@ -18,11 +18,10 @@ import contextvars
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from websockets.protocol import State
-
 from wstally import fanout, logsetup, protocol
-from wstally.fanout import NOTHING, Mode, Phase, Shared, Verdict
+from wstally.fanout import NOTHING, Mode, Phase, Shared
 from wstally.flow import Flow
+from wstally.laggards import Laggards
 from wstally.peer import Lag, Peer
 from wstally.rounds import Round, Rounds
 from wstally.tally import Update
@@ -32,9 +31,6 @@ __all__ = ["Hub", "Lag", "Mode", "Peer", "Phase"]
 
 log = logsetup.get_logger("wstally.hub")
 
-OPEN = State.OPEN
-# Close code for a client evicted for not reading (application range, see protocol.md).
-SLOW_CONSUMER = 4008
 # Updates written per flush, at most: what a slow watcher can add to its buffer in one go
 # past --buffer-limit (8 frames). A longer backlog leaves in the next flush, and meanwhile
 # holds the flow gate shut so that the senders, not our memory, absorb it.
@@ -72,32 +68,34 @@ class Hub:
         # per update per client. On loopback a write costs a few microseconds, so at 1,000
         # clients x 1,000 updates/s a write per update would take the whole core.
         self.flush_interval = flush_interval
-        self.slow_timeout = slow_timeout
         self._last_flush = 0.0
         self._flush_cost = 0.0  # how long the last broadcast took
-        self.resync_interval = resync_interval
-        self.on_resync = on_resync
         self.peers: dict[Peer, None] = {}
-        self.lagging: dict[Peer, None] = {}
         self._pending: list[Update] = []
         self._dirty: dict[Peer, None] = {}
         self._presence_dirty = False
         self._flush_handle: asyncio.Handle | None = None
         self._own_handle: asyncio.Handle | None = None
         self._presence_handle: asyncio.TimerHandle | None = None
-        self._resync_handle: asyncio.TimerHandle | None = None
         # The hub's callbacks write to every connection: they run in an empty context, not
         # in that of whichever connection scheduled them, so that no event they log carries
         # another connection's bound fields.
         self._context = contextvars.Context()
         # The broadcast being written, a slice per loop turn (rounds.py).
-        self.rounds = Rounds(self._write, self._round_done, self._context)
+        self.rounds = Rounds(self.write, self._round_done, self._context)
+        # Connections that fell behind: skipped, then resynced or evicted (laggards.py).
+        self.laggards = Laggards(
+            self,
+            resume_below=self.resume_below,
+            slow_timeout=slow_timeout,
+            resync_interval=resync_interval,
+            on_resync=on_resync,
+            context=self._context,
+        )
         # Counters for stats and tests.
         self.bytes_sent = 0
         self.by_mode = dict.fromkeys(Mode, 0)
         self.deliveries = 0
-        self.skipped = 0
-        self.evicted = 0
 
     # Position
 
@@ -173,7 +171,7 @@ class Hub:
         del self.peers[peer]
         self.by_mode[peer.mode] -= 1
         self.cancel_hold(peer)
-        self.lagging.pop(peer, None)
+        self.laggards.forget(peer)
         self._dirty.pop(peer, None)
         peer.resume()
         self._presence_changed()
@@ -215,7 +213,7 @@ class Hub:
         self._dirty.pop(peer, None)
         if peer.outbox and (force or not peer.lagging):
             own, peer.outbox = peer.outbox, []
-            self._write(peer, own, NOTHING, force=force, limit=limit)
+            self.write(peer, own, NOTHING, force=force, limit=limit)
 
     def flush_queued(self) -> None:
         """Write every connection's queued frames now rather than at the end of the tick:
@@ -230,7 +228,7 @@ class Hub:
         for peer in dirty:
             if peer.outbox and not peer.lagging:
                 own, peer.outbox = peer.outbox, []
-                self._write(peer, own, NOTHING)
+                self.write(peer, own, NOTHING)
 
     def _schedule(self) -> None:
         # While a broadcast is being written, the next one waits for its end (_next_slice).
@@ -297,7 +295,7 @@ class Hub:
             for peer in self.lagging:
                 own, peer.outbox = peer.outbox, []
                 if own:
-                    self._write(peer, own, NOTHING, force=True)
+                    self.write(peer, own, NOTHING, force=True)
         # Only updates are sliced: what waits behind them is the senders' acks. A presence
         # frame alone (clients joining by the thousand) goes out in one go: sliced, it cost
         # 35-70 % of the handshakes per second at 15,000 connections for as many rounds
@@ -322,7 +320,7 @@ class Hub:
         if self._pending or self._presence_dirty:
             self._schedule()
 
-    def _write(
+    def write(
         self,
         peer: Peer,
         own: list[bytes],
@@ -334,7 +332,7 @@ class Hub:
         ws = peer.ws
         buffered = ws.transport.get_write_buffer_size()
         if not fanout.may_write(buffered, self.buffer_limit if limit is None else limit, force):
-            self._fall_behind(peer, own, buffered)
+            self.laggards.fall_behind(peer, own, buffered)
             return
         written = write_shared(ws, own, shared.frames, shared.wire)
         if written is None:
@@ -344,109 +342,28 @@ class Hub:
         peer.bytes_out += written
         self.bytes_sent += written
 
-    # Slow consumers
+    # Slow consumers (laggards.py)
+
+    @property
+    def lagging(self) -> dict[Peer, None]:
+        return self.laggards.lagging
+
+    @property
+    def skipped(self) -> int:
+        return self.laggards.skipped
+
+    @property
+    def evicted(self) -> int:
+        return self.laggards.evicted
 
     async def until_drained(self, peer: Peer) -> None:
         """Until ``peer`` no longer lags (drained, resynced or evicted), or closes."""
-        # Also return when the connection closes, or its handler would never finish.
-        if peer.lag is None:
-            return
-        drained = asyncio.ensure_future(peer.lag.drained.wait())
-        closed = asyncio.ensure_future(peer.ws.wait_closed())
-        await asyncio.wait([drained, closed], return_when=asyncio.FIRST_COMPLETED)
-        drained.cancel()
-        closed.cancel()
-
-    def _fall_behind(self, peer: Peer, own: list[bytes], buffered: int) -> None:
-        """Stop writing to ``peer`` until it drains, then resync it from a snapshot.
-
-        Broadcast frames are dropped (the snapshot supersedes them); frames addressed to the
-        peer alone (acks, errors) are kept, and stay bounded because its reads are paused.
-        """
-        loop = asyncio.get_running_loop()
-        peer.lag = Lag(loop.time(), self.seq)
-        peer.lagged += 1
-        self.lagging[peer] = None
-        self.skipped += 1
-        peer.outbox = own + peer.outbox
-        # Once per episode (the peer is skipped until it drains), never per skipped write.
-        log.warning(
-            "broadcast.lagging",
-            **peer.context(),
-            buffered=buffered,
-            limit=self.buffer_limit,
-            lagged=peer.lagged,
-            seq=self.seq,
-            lagging=len(self.lagging),
-        )
-        if self._resync_handle is None:
-            self._resync_handle = loop.call_later(
-                self.resync_interval, self._check_lagging, context=self._context
-            )
-
-    def _check_lagging(self) -> None:
-        self._resync_handle = None
-        now = asyncio.get_running_loop().time()
-        for peer in list(self.lagging):
-            ws, lag = peer.ws, peer.lag
-            if ws.protocol.state is not OPEN or lag is None:
-                del self.lagging[peer]
-                peer.resume()
-                continue
-            verdict = fanout.lag_verdict(
-                ws.transport.get_write_buffer_size(),
-                self.resume_below,
-                now - lag.since,
-                self.slow_timeout,
-            )
-            if verdict is Verdict.EVICT:
-                self._evict(peer)
-            elif verdict is Verdict.RESUME:
-                self._resync(peer, lag)
-        if self.lagging and self._resync_handle is None:
-            self._resync_handle = asyncio.get_running_loop().call_later(
-                self.resync_interval, self._check_lagging, context=self._context
-            )
-
-    def _resync(self, peer: Peer, lag: Lag) -> None:
-        self.finish()  # as in go_live: no broadcast after the snapshot that sums it up
-        del self.lagging[peer]
-        peer.lag = None
-        # Whatever it missed is summed up by the current position.
-        frame = fanout.resync_frame(peer.mode, peer.phase, self.snapshot(peer), self.total)
-        if frame is not None:
-            peer.outbox.append(frame)
-        own, peer.outbox = peer.outbox, []
-        self._write(peer, own, NOTHING)
-        if peer.lag is None:
-            lag.drained.set()
-            if self.on_resync is not None:
-                self.on_resync(peer, lag, self.seq)
-
-    def _evict(self, peer: Peer) -> None:
-        """Close a connection that stayed behind for too long: 4008 "slow consumer"."""
-        del self.lagging[peer]
-        lag_since = peer.lag.since if peer.lag is not None else 0.0
-        self.evicted += 1
-        ws = peer.ws
-        log.warning(
-            "conn.evicted",
-            **peer.context(),
-            buffered=ws.transport.get_write_buffer_size(),
-            lagging_for=round(asyncio.get_running_loop().time() - lag_since, 3),
-            code=SLOW_CONSUMER,
-        )
-        # The close frame queues behind everything it did not read; it is not waited for.
-        ws.protocol.fail(SLOW_CONSUMER, "slow consumer")
-        ws.send_data()
-        asyncio.get_running_loop().call_later(1.0, ws.transport.abort)
-        peer.resume()
+        await self.laggards.until_drained(peer)
 
     def close(self) -> None:
-        handles = (self._flush_handle, self._own_handle, self._presence_handle, self._resync_handle)
-        for handle in handles:
+        for handle in (self._flush_handle, self._own_handle, self._presence_handle):
             if handle is not None:
                 handle.cancel()
         self.rounds.cancel()
-        self._flush_handle = self._own_handle = None
-        self._presence_handle = self._resync_handle = None
+        self.laggards.close()
+        self._flush_handle = self._own_handle = self._presence_handle = None
