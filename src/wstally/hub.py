@@ -231,7 +231,7 @@ class Hub:
                 self.write(peer, own, NOTHING)
 
     def _schedule(self) -> None:
-        # While a broadcast is being written, the next one waits for its end (_next_slice).
+        # While a broadcast is being written, the next one waits for its end (_round_done).
         if self._flush_handle is None and self.rounds.current is None:
             loop = asyncio.get_running_loop()
             # Spend at most about a third of the loop's time broadcasting: a flush to many
@@ -264,7 +264,7 @@ class Hub:
         """Write everything queued since the last flush, broadcast included.
 
         A broadcast still being written is finished first. The writes go out a slice at a
-        time (``_next_slice``); ``force`` (at shutdown) writes them all now, and lagging
+        time (``rounds.py``); ``force`` (at shutdown) writes them all now, and lagging
         peers their own frames (acks, errors) whatever their buffers hold: they are about to
         be closed and must not lose an ack.
         """
