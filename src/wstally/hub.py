@@ -234,8 +234,9 @@ class Hub:
         # While a broadcast is being written, the next one waits for its end (_round_done).
         if self._flush_handle is None and self.rounds.current is None:
             loop = asyncio.get_running_loop()
-            # Spend at most about a third of the loop's time broadcasting: a flush to many
-            # clients costs milliseconds, and what waits meanwhile shares the next one.
+            # Spend at most about half of the loop's time broadcasting (one start per twice
+            # the last broadcast's cost): a flush to many clients costs milliseconds, and
+            # what waits meanwhile shares the next one.
             interval = max(self.flush_interval, 2 * self._flush_cost)
             wait = self._last_flush + interval - loop.time()
             if wait <= 0:

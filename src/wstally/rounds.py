@@ -30,7 +30,7 @@ SLICE = 0.001
 # Peers written between two looks at the clock.
 SLICE_CHECK = 16
 
-# Writes one peer its own frames, then the shared ones (Hub._write); the last argument is
+# Writes one peer its own frames, then the shared ones (Hub.write); the last argument is
 # ``force``.
 Write = Callable[[Peer, list[bytes], Shared, bool], None]
 
