@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from wstally import logsetup
 from wstally.engine.base import EngineError, FeedEvent, Position, Published, Result, Submission
 from wstally.store import SQLiteStore, Store, StoreError
+from wstally.store.syncer import Syncer, SyncError
 from wstally.tally import Tally, Update
 
 __all__ = ["CHECK_INTERVAL", "STORE_FAILED", "LocalEngine"]
@@ -49,6 +50,9 @@ class LocalEngine:
         # readers run beside the writer): a commit never waits behind a replay's read.
         self._reader: Store | None = None
         self._read_executor: ThreadPoolExecutor | None = None
+        # SQLite's commits: the transaction written on the loop, its fsync in a helper
+        # process (store/syncer.py), or None: the whole commit on the store's thread.
+        self._syncer: Syncer | None = None
         self._feed: asyncio.Queue[FeedEvent] = asyncio.Queue()
         self._watcher: asyncio.Task[None] | None = None
         # Why commits fail (for /healthz), or None: set by a failed commit or check,
@@ -69,6 +73,7 @@ class LocalEngine:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wstally-store")
         state = await self._run(self.store.load, self.tally.window)
         self._open_reader()
+        await self._open_syncer()
         tally = self.tally = Tally(state.epoch, state.seq, state.total)
         for update in state.recent_ids:
             assert update.req_id is not None
@@ -87,7 +92,7 @@ class LocalEngine:
         if not updates:
             return results
         try:
-            await self._run(self.store.commit, updates)
+            await self._commit(updates)
         except Exception as exc:
             tally.rollback()
             self.degraded = _reason(exc)
@@ -106,6 +111,35 @@ class LocalEngine:
         tally.commit(last.seq, last.total)
         self._feed.put_nowait(Published(updates))
         return results
+
+    async def _commit(self, updates: list[Update]) -> None:
+        store = self._store
+        if self._syncer is None:
+            await self._run(store.commit, updates)
+            return
+        assert isinstance(store, SQLiteStore)
+        # Page-cache writes only (tens of microseconds for a batch): cheaper here than the
+        # trip to a thread and back, which waits for the GIL while the loop is busy.
+        store.write(updates)
+        try:
+            await self._syncer.sync()
+        except SyncError as exc:
+            store.sync_failed(str(exc))
+
+    async def _open_syncer(self) -> None:
+        store = self._store
+        # Only beside a reader of its own: replays must never read through the connection
+        # the loop writes on (they would see a transaction before it is durable).
+        if not isinstance(store, SQLiteStore) or self._reader is None or store.wal_fd < 0:
+            return
+        syncer = Syncer(store.wal_fd, str(store.path.absolute().parent))
+        try:
+            await syncer.sync()
+        except (OSError, SyncError) as exc:
+            syncer.close()
+            log.warning("store.syncer_unavailable", error=str(exc))
+            return
+        self._syncer = syncer
 
     async def feed(self) -> AsyncIterator[FeedEvent]:
         while True:
@@ -142,6 +176,8 @@ class LocalEngine:
     async def close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._syncer is not None:
+            self._syncer.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self._read_executor is not None:
@@ -160,7 +196,10 @@ class LocalEngine:
         while True:
             await asyncio.sleep(self.check_interval)
             try:
-                await self._run(self.store.check)
+                if self._syncer is not None:
+                    self.store.check()  # one stat(): and the loop owns the connection now
+                else:
+                    await self._run(self.store.check)
             except Exception as exc:
                 self.degraded = _reason(exc)
 
