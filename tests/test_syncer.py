@@ -7,13 +7,17 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from helpers import OpenClient, within
 from servers import ServeProcess
-from wstally.store.syncer import Syncer, SyncError
+from wstally.engine.base import EngineError, Submission
+from wstally.engine.local import SYNC_FAILED, LocalEngine
+from wstally.store import SQLiteStore
+from wstally.store.syncer import Syncer, SyncError, SyncUnavailable
 from wstally.tally import Update
 
 
@@ -27,39 +31,56 @@ def state(pid: int) -> str | None:
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Iterator[int]:
-    fd = os.open(tmp_path / "data", os.O_WRONLY | os.O_CREAT)
-    yield fd
+def wal(tmp_path: Path) -> Iterator[tuple[int, str]]:
+    """An open file standing for a WAL: its descriptor (the witness) and path."""
+    path = tmp_path / "data"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    yield fd, str(path)
     os.close(fd)
 
 
-async def test_syncs_answer_in_order_and_close_ends_the_helper(data: int, tmp_path: Path) -> None:
-    syncer = Syncer(data, str(tmp_path))
-    os.write(data, b"x" * 4096)
+def syncer_for(wal: tuple[int, str], **kwargs: Any) -> Syncer:
+    fd, path = wal
+    return Syncer(fd, path, path + ".db", **kwargs)
+
+
+async def gone(pid: int) -> None:
+    async with asyncio.timeout(within(5)):
+        while state(pid) not in (None, "Z"):  # noqa: ASYNC110 - another process
+            await asyncio.sleep(0.01)
+
+
+async def test_syncs_are_answered_in_order_and_close_ends_the_helper(
+    wal: tuple[int, str],
+) -> None:
+    syncer = syncer_for(wal)
+    os.write(wal[0], b"x" * 4096)
     await asyncio.wait_for(syncer.sync(), within(5))
     pid = syncer.pid
     assert pid is not None
     assert state(pid) in ("S", "R", "D")
-    # Many at once, as commits never are but a burst of them might be: each is answered.
+    # Many at once, as commits never are but a burst might be: each is answered, in order.
     done: list[int] = []
 
     async def one(i: int) -> None:
-        os.write(data, b"y")
+        os.write(wal[0], b"y")
         await syncer.sync()
         done.append(i)
 
     await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(50))), within(5))
-    assert sorted(done) == list(range(50))
+    assert done == list(range(50))
     assert syncer.pid == pid  # the same helper all along
     syncer.close()
     assert syncer.pid is None
-    assert state(pid) is None  # exited and reaped
+    await gone(pid)
+    with pytest.raises(SyncUnavailable):
+        await syncer.sync()
 
 
 async def test_a_failing_fdatasync_raises_and_says_why(tmp_path: Path) -> None:
     # fdatasync on a pipe fails with EINVAL: the helper reports it, it does not die.
     read_end, write_end = os.pipe()
-    syncer = Syncer(read_end, str(tmp_path))
+    syncer = Syncer(read_end, "", str(tmp_path / "none.db"))
     try:
         with pytest.raises(SyncError, match="fdatasync failed: 22 Invalid argument"):
             await asyncio.wait_for(syncer.sync(), within(5))
@@ -74,23 +95,25 @@ async def test_a_failing_fdatasync_raises_and_says_why(tmp_path: Path) -> None:
         os.close(write_end)
 
 
-async def test_a_helper_killed_with_sigkill_is_replaced_and_logged(
-    data: int, tmp_path: Path
+async def test_a_helper_killed_is_stood_in_for_by_the_witness_then_replaced(
+    wal: tuple[int, str],
 ) -> None:
-    syncer = Syncer(data, str(tmp_path))
+    syncer = syncer_for(wal)
     try:
         await asyncio.wait_for(syncer.sync(), within(5))
         first = syncer.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
         with capture_logs() as logs:
-            # Killed between two syncs, or while one is being answered: either way the
-            # next sync is answered, by a new helper.
+            # Asked of a helper that died: the store's own descriptor is fsynced instead
+            # (a failure the helper saw and took with it would be reported there).
             await asyncio.wait_for(syncer.sync(), within(5))
+            assert syncer.pid is None
+            assert state(first) is None  # reaped, not left a zombie
+            # The next sync starts a new helper, and says so.
             await asyncio.wait_for(syncer.sync(), within(5))
         assert syncer.pid not in (None, first)
         assert syncer.restarts == 1
-        assert state(first) is None  # reaped, not left a zombie
         [restarted] = [e for e in logs if e["event"] == "store.syncer_restarted"]
         assert restarted == {
             "event": "store.syncer_restarted",
@@ -102,23 +125,48 @@ async def test_a_helper_killed_with_sigkill_is_replaced_and_logged(
         syncer.close()
 
 
-async def test_sigint_to_the_process_group_leaves_the_helper_running(
-    data: int, tmp_path: Path
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_sigint_and_sigterm_leave_the_helper_running(
+    wal: tuple[int, str], signum: int
 ) -> None:
-    # A Ctrl-C in the server's terminal reaches every process of its group: the server
-    # drains on it, and its last commits still need their fsyncs.
-    syncer = Syncer(data, str(tmp_path))
+    # A Ctrl-C in the server's terminal, or a service manager's stop, reaches every
+    # process of the group: the server drains on it, and its last commits need fsyncs.
+    syncer = syncer_for(wal)
     try:
         await asyncio.wait_for(syncer.sync(), within(5))
         pid = syncer.pid
         assert pid is not None
-        os.kill(pid, signal.SIGINT)
-        await asyncio.sleep(within(0.2))
-        await asyncio.wait_for(syncer.sync(), within(5))
-        assert syncer.pid == pid
-        assert syncer.restarts == 0
+        os.killpg(os.getpgid(pid), 0)  # (the helper is in our group, as with a server)
+        os.kill(pid, signum)
+        for _ in range(20):
+            await asyncio.wait_for(syncer.sync(), within(5))
+        assert state(pid) in ("S", "R", "D")
+        assert (syncer.pid, syncer.restarts) == (pid, 0)
     finally:
         syncer.close()
+
+
+async def test_close_with_a_sync_outstanding_fails_it_and_starts_no_helper(
+    wal: tuple[int, str],
+) -> None:
+    syncer = syncer_for(wal)
+    await asyncio.wait_for(syncer.sync(), within(5))
+    pid = syncer.pid
+    assert pid is not None
+    waiting = asyncio.create_task(syncer.sync())
+    await asyncio.sleep(0)  # asked; its answer not read yet
+    syncer.close()
+    with pytest.raises(SyncUnavailable):
+        await asyncio.wait_for(waiting, within(5))
+    assert syncer.pid is None
+    assert syncer.restarts == 0
+    await gone(pid)
+
+
+async def test_a_helper_that_cannot_start_is_unavailable(wal: tuple[int, str]) -> None:
+    syncer = syncer_for(wal, executable="/nonexistent/python3")
+    with pytest.raises(SyncUnavailable, match="cannot start the fsync helper"):
+        await syncer.sync()
 
 
 def children(pid: int) -> list[int]:
@@ -168,40 +216,96 @@ async def test_a_serve_process_commits_through_its_helper_and_takes_it_down_when
     assert any(e.get("event") == "store.syncer_restarted" for e in server.events)
 
 
-async def test_a_failed_fsync_refuses_the_batch_and_every_commit_after_it(
-    tmp_path: Path,
-) -> None:
-    from wstally.engine.base import EngineError, Submission
-    from wstally.engine.local import LocalEngine
-    from wstally.store import SQLiteStore
-
+async def engine_on(tmp_path: Path) -> LocalEngine:
     engine = LocalEngine(SQLiteStore(tmp_path / "tally.db"))
     await engine.open()
     assert engine.store.description.startswith("sqlite:")
-    [result] = await engine.submit([Submission(5, "c", 0.0, "a", None, "1")])
+    return engine
+
+
+def add(n: int, req_id: str) -> Submission:
+    return Submission(n, "c", 0.0, "a", None, req_id)
+
+
+async def test_a_failed_fsync_refuses_the_batch_and_every_commit_after_it(
+    tmp_path: Path,
+) -> None:
+    engine = await engine_on(tmp_path)
+    [result] = await engine.submit([add(5, "1")])
     assert isinstance(result, Update)
     assert result.seq == 1
     # A disk that fails its fsync: the helper's fdatasync pointed at a pipe (EINVAL), a
     # real failure from a real helper.
     read_end, write_end = os.pipe()
-    failing = Syncer(read_end, str(tmp_path))
+    failing = Syncer(read_end, "", str(tmp_path / "tally.db"))
     engine._syncer, healthy = failing, engine._syncer
     try:
         with capture_logs() as logs, pytest.raises(EngineError) as refused:
-            await engine.submit([Submission(7, "c", 0.0, "a", None, "2")])
+            await engine.submit([add(7, "2")])
         assert refused.value.code == "store_failed"
+        # Written, maybe not kept: the client is told so, not "total unchanged".
+        assert refused.value.message == SYNC_FAILED
         [failed] = [e for e in logs if e["event"] == "store.sync_failed"]
         assert failed["error"] == "fdatasync failed: 22 Invalid argument"
         assert engine.position.seq == 1  # the total rolled back
-        assert "fsync of" in (engine.degraded or "")
         # For good: what SQLite counts as committed may not be on disk, and no later
         # commit may be acked on top of it, even once the disk answers again.
         engine._syncer = healthy
         with pytest.raises(EngineError):
-            await engine.submit([Submission(1, "c", 0.0, "a", None, "3")])
+            await engine.submit([add(1, "3")])
         assert "restart the server" in (engine.degraded or "")
     finally:
         failing.close()
         os.close(read_end)
         os.close(write_end)
+        await engine.close()
+
+
+async def test_without_a_helper_the_store_thread_syncs_and_nothing_is_refused(
+    tmp_path: Path,
+) -> None:
+    engine = await engine_on(tmp_path)
+    syncer = engine._syncer
+    assert syncer is not None
+    try:
+        assert isinstance((await engine.submit([add(1, "1")]))[0], Update)
+        pid = syncer.pid
+        assert pid is not None
+        # The helper dies and no new one can start (say, the interpreter was upgraded
+        # away under a running server): the store's thread takes over.
+        syncer._executable = "/nonexistent/python3"
+        os.kill(pid, signal.SIGKILL)
+        with capture_logs() as logs:
+            for n in range(2, 6):
+                [result] = await engine.submit([add(n, str(n))])
+                assert isinstance(result, Update)
+                assert result.seq == n
+        assert engine._syncer is None
+        [unavailable] = [e for e in logs if e["event"] == "store.syncer_unavailable"]
+        assert "cannot start the fsync helper" in unavailable["error"]
+        assert engine.degraded is None
+    finally:
+        await engine.close()
+    reopened = SQLiteStore(tmp_path / "tally.db")
+    assert [u.seq for u in reopened.history()] == [1, 2, 3, 4, 5]
+    reopened.close()
+
+
+async def test_the_helper_checkpoints_the_wal_into_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wstally.engine.local
+
+    monkeypatch.setattr(wstally.engine.local, "CHECKPOINT_COMMITS", 20)
+    engine = await engine_on(tmp_path)
+    db = tmp_path / "tally.db"
+    try:
+        before = db.stat().st_size
+        for n in range(19):
+            await engine.submit([add(1, f"{n}-{i}") for i in range(100)])
+        # SQLite's own checkpoints are off: nothing reached the database file yet.
+        assert db.stat().st_size == before
+        await engine.submit([add(1, "last")])
+        assert db.stat().st_size > before
+    finally:
         await engine.close()

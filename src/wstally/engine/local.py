@@ -2,8 +2,10 @@
 
 One process is the authority. A batch is applied to the core at once (seqs assigned in
 arrival order, duplicates recognised, int64 bounds checked), then written to the store in one
-transaction on the store's own thread; only then is it published on the feed and answered.
-A failed write rolls the core back, so memory never runs ahead of what the disk holds.
+transaction, from the loop, and made durable by an fsync in a helper process
+(``store/syncer.py``; on the store's thread when there is no helper); only then is it
+published on the feed and answered. A failed write rolls the core back, so memory never runs
+ahead of what the disk holds; a failed fsync stops every commit until a restart.
 """
 
 from __future__ import annotations
@@ -15,17 +17,33 @@ from typing import Any, TypeVar
 
 from wstally import logsetup
 from wstally.engine.base import EngineError, FeedEvent, Position, Published, Result, Submission
-from wstally.store import SQLiteStore, Store, StoreError
-from wstally.store.syncer import Syncer, SyncError
+from wstally.store import SQLiteStore, Store, StoreError, SyncFailed
+from wstally.store.syncer import Syncer, SyncError, SyncUnavailable
 from wstally.tally import Tally, Update
 
-__all__ = ["CHECK_INTERVAL", "STORE_FAILED", "LocalEngine"]
+__all__ = [
+    "CHECKPOINT_COMMITS",
+    "CHECKPOINT_UPDATES",
+    "CHECK_INTERVAL",
+    "STORE_FAILED",
+    "LocalEngine",
+]
 
 log = logsetup.get_logger("wstally.engine")
 
 T = TypeVar("T")
 
 STORE_FAILED = "the update could not be stored; total unchanged"
+# After a failed fsync the update was written but maybe not kept: only a restart can tell.
+SYNC_FAILED = (
+    "the disk failed while storing the update: it may or may not have been kept; "
+    "resend it with the same id once the server is restarted"
+)
+# The WAL is checkpointed into the database (by the syncer's helper, during a commit's
+# fsync) after this many commits or updates, whichever comes first: roughly SQLite's own
+# 1,000 pages (a commit writes a page or two, an update some 60 bytes).
+CHECKPOINT_COMMITS = 500
+CHECKPOINT_UPDATES = 50_000
 # How often an idle store is checked (its file deleted or replaced, say): /healthz and the
 # log should tell before the next add finds out.
 CHECK_INTERVAL = 0.5
@@ -53,6 +71,8 @@ class LocalEngine:
         # SQLite's commits: the transaction written on the loop, its fsync in a helper
         # process (store/syncer.py), or None: the whole commit on the store's thread.
         self._syncer: Syncer | None = None
+        self._commit_lock = asyncio.Lock()
+        self._since_checkpoint = (0, 0)  # commits, updates
         self._feed: asyncio.Queue[FeedEvent] = asyncio.Queue()
         self._watcher: asyncio.Task[None] | None = None
         # Why commits fail (for /healthz), or None: set by a failed commit or check,
@@ -105,7 +125,8 @@ class LocalEngine:
                 last_seq=updates[-1].seq,
                 total=tally.total,
             )
-            raise EngineError("store_failed", STORE_FAILED, transient=False) from exc
+            message = SYNC_FAILED if isinstance(exc, SyncFailed) else STORE_FAILED
+            raise EngineError("store_failed", message, transient=False) from exc
         self.degraded = None
         last = updates[-1]
         tally.commit(last.seq, last.total)
@@ -114,32 +135,58 @@ class LocalEngine:
 
     async def _commit(self, updates: list[Update]) -> None:
         store = self._store
-        if self._syncer is None:
+        syncer = self._syncer
+        if syncer is None:
             await self._run(store.commit, updates)
             return
         assert isinstance(store, SQLiteStore)
-        # Page-cache writes only (tens of microseconds for a batch): cheaper here than the
-        # trip to a thread and back, which waits for the GIL while the loop is busy.
-        store.write(updates)
-        try:
-            await self._syncer.sync()
-        except SyncError as exc:
-            store.sync_failed(str(exc))
+        # One at a time (the batcher's rounds are anyway): a commit acked on the strength
+        # of its own fsync while an earlier one's failed would sit on top of a hole.
+        async with self._commit_lock:
+            # Page-cache writes only: cheaper here than a trip to a thread and back, which
+            # waits for the GIL while the loop is busy.
+            store.write(updates)
+            commits, count = self._since_checkpoint
+            commits, count = commits + 1, count + len(updates)
+            checkpoint = commits >= CHECKPOINT_COMMITS or count >= CHECKPOINT_UPDATES
+            try:
+                await syncer.sync(checkpoint)
+            except SyncError as exc:
+                store.sync_failed(str(exc))
+            except Exception as exc:
+                # No helper (it cannot be started): the store's thread syncs, now and from
+                # now on, and SQLite checkpoints inside its commits again.
+                self._drop_syncer(str(exc))
+                await self._run(store.sync)
+                return
+            self._since_checkpoint = (0, 0) if checkpoint else (commits, count)
 
     async def _open_syncer(self) -> None:
         store = self._store
-        # Only beside a reader of its own: replays must never read through the connection
-        # the loop writes on (they would see a transaction before it is durable).
+        # Only beside a reader of its own: replays must not read through the connection
+        # the loop writes on, which would make them wait for the loop's writes. (A replay
+        # reads up to the hub's position only, what was acked or published: a transaction
+        # is visible to readers from its write on, a moment before its fsync.)
         if not isinstance(store, SQLiteStore) or self._reader is None or store.wal_fd < 0:
             return
-        syncer = Syncer(store.wal_fd, str(store.path.absolute().parent))
+        syncer = Syncer(store.wal_fd, store.wal_path, str(store.real_path))
         try:
             await syncer.sync()
-        except (OSError, SyncError) as exc:
+        except (SyncError, SyncUnavailable) as exc:
             syncer.close()
             log.warning("store.syncer_unavailable", error=str(exc))
             return
+        store.defer_checkpoints(True)
         self._syncer = syncer
+
+    def _drop_syncer(self, error: str) -> None:
+        if self._syncer is not None:
+            self._syncer.close()
+            self._syncer = None
+        store = self._store
+        if isinstance(store, SQLiteStore):
+            store.defer_checkpoints(False)
+        log.warning("store.syncer_unavailable", error=error)
 
     async def feed(self) -> AsyncIterator[FeedEvent]:
         while True:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from wstally.tally import Update
 
-__all__ = ["ROW_COLUMNS", "Store", "StoreError", "StoredState", "new_epoch"]
+__all__ = ["ROW_COLUMNS", "Store", "StoreError", "StoredState", "SyncFailed", "new_epoch"]
 
 # A stored update as ``wstally history`` reads, prints and verifies it, column by column:
 # the one list for the SQLite table and the Redis stream alike.
@@ -22,6 +22,11 @@ ROW_COLUMNS = ("seq", "at", "conn", "client", "name", "req_id", "delta", "total"
 
 class StoreError(Exception):
     """The store cannot be opened or read; the message is meant for the operator."""
+
+
+class SyncFailed(StoreError):
+    """An fsync failed after the transaction was written: whether it reached the disk is
+    unknown until a restart reads the file."""
 
 
 @dataclass(slots=True)

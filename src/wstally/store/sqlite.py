@@ -1,8 +1,12 @@
 """SQLite in WAL mode: one row per applied update (the audit trail), grouped commits.
 
-The server calls ``commit`` on a single writer thread with every update applied since the
-previous commit, so one fsync covers many updates. Readers (``wstally history``) can open the
-same file while the server runs: WAL lets them read without blocking the writer.
+Every update applied since the previous commit goes in one transaction, so one fsync covers
+many updates. A commit is ``write`` (the transaction, without an fsync) and then ``sync``
+(an fdatasync of the WAL): ``commit`` does both, on the store's thread; the local engine
+writes from the event loop and has a helper process sync (``syncer.py``). Either way nothing
+is acknowledged before its fsync. Readers (``wstally history``) can open the same file while
+the server runs: WAL lets them read without blocking the writer; they see a transaction
+from its write on, a moment before its fsync.
 
 SQLite keeps writing into its open file after that file is deleted or replaced, where no
 restart will ever find it: ``check`` (before every commit, and periodically when idle)
@@ -21,7 +25,8 @@ from pathlib import Path
 from typing import IO
 
 from wstally import logsetup
-from wstally.store.base import ROW_COLUMNS, StoredState, StoreError, new_epoch
+from wstally.store.base import ROW_COLUMNS, StoredState, StoreError, SyncFailed, new_epoch
+from wstally.store.syncer import fdatasync
 from wstally.tally import Update
 
 __all__ = ["SQLiteStore"]
@@ -61,6 +66,7 @@ class SQLiteStore:
         self._lock: IO[bytes] | None = None
         # The write-ahead log, whose fdatasync makes a commit durable (-1: read-only).
         self.wal_fd = -1
+        self.wal_path = ""
         # (st_dev, st_ino) of the file opened: the path must keep naming it.
         self._identity: tuple[int, int] | None = None
         # Why this store can no longer commit (its file is gone), or None.
@@ -77,23 +83,35 @@ class SQLiteStore:
                 self._real = self.path.resolve()
                 self._take_lock()
                 self._db = sqlite3.connect(self.path, check_same_thread=False)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                # NORMAL: SQLite itself syncs only at checkpoints; every commit is made
-                # durable by an fdatasync of the WAL that we ask for (``commit`` here, or a
-                # Syncer's helper process): what synchronous=FULL does, done where it does
-                # not hold up the event loop. An acked update survives power loss.
+                # A short wait for a lock (only someone else's sqlite3 shell can hold one:
+                # the lock file keeps other servers out), since the loop may be waiting.
+                self._db.execute("PRAGMA busy_timeout=100")
+                (mode,) = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+                if mode != "wal":
+                    raise sqlite3.OperationalError(f"cannot use WAL mode (journal mode {mode})")
+                # NORMAL: SQLite itself syncs the WAL's header when it starts it over and
+                # everything at checkpoints, never at a commit; every commit is made durable
+                # by an fdatasync of the WAL that we make before acking (``sync``, or a
+                # Syncer's helper): what synchronous=FULL does, done where it does not hold
+                # up the event loop. An acked update survives power loss.
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
                 # The WAL, beside the real file (SQLite follows symlinks): kept, same inode,
                 # for as long as SQLite has the database open (reset after a checkpoint,
                 # never removed).
-                self.wal_fd = os.open(f"{self._real}-wal", os.O_RDONLY | os.O_CLOEXEC)
+                self.wal_path = f"{self._real}-wal"
+                self.wal_fd = os.open(self.wal_path, os.O_RDWR | os.O_CLOEXEC)
                 # The file exists now and is open; an inode is never reused while open.
                 st = os.stat(self.path)
                 self._identity = (st.st_dev, st.st_ino)
         except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
             self._release_lock()
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+
+    @property
+    def real_path(self) -> Path:
+        """The database file itself, through any symlinks."""
+        return self._real
 
     @property
     def lock_path(self) -> Path:
@@ -190,6 +208,9 @@ class SQLiteStore:
             return None  # cannot tell (EACCES, EIO): the commit itself will say
         if (st.st_dev, st.st_ino) != self._identity:
             return "was replaced by another file"
+        with contextlib.suppress(OSError):
+            if self.wal_fd >= 0 and os.fstat(self.wal_fd).st_nlink == 0:
+                return "lost its write-ahead log (-wal file deleted)"
         return None
 
     def _lost(self, what: str) -> None:
@@ -254,16 +275,22 @@ class SQLiteStore:
     def sync(self) -> None:
         """fdatasync the WAL: every transaction written so far survives a power cut."""
         try:
-            os.fdatasync(self.wal_fd)
+            fdatasync(self.wal_fd)
         except OSError as exc:
-            self.sync_failed(str(exc))
+            self.sync_failed(f"fdatasync failed: {exc.errno} {exc.strerror}")
 
     def sync_failed(self, error: str) -> None:
         """What was written may not be on disk, and SQLite counts it as committed: no
         further commit may be acknowledged on top of it (a restart tells what survived)."""
         self.degraded = f"fsync of {self.path} failed ({error}); restart the server"
         log.error("store.sync_failed", path=str(self.path), error=error)
-        raise StoreError(self.degraded)
+        raise SyncFailed(self.degraded)
+
+    def defer_checkpoints(self, deferred: bool) -> None:
+        """Whether checkpoints are left to the caller (a Syncer's helper), rather than made
+        by SQLite inside a commit every 1,000 pages (its default): on the event loop, that
+        would be two fsyncs and megabytes of writes, 10-13 ms, in the middle of a commit."""
+        self._db.execute(f"PRAGMA wal_autocheckpoint={0 if deferred else 1000}")
 
     def history(self, since: int = 0, limit: int | None = None) -> list[Update]:
         cursor = self._db.execute(
