@@ -173,3 +173,24 @@ def test_readers_and_the_memory_store_have_nothing_to_check(tmp_path: Path) -> N
     reader.check()
     reader.close()
     MemoryStore().check()
+
+
+def test_a_deleted_wal_is_refused_for_good_and_rescued(tmp_path: Path) -> None:
+    # Only the -wal file removed: SQLite goes on writing into the orphan, which no restart
+    # would read, and the updates committed since the last checkpoint with it.
+    path = tmp_path / "tally.db"
+    store = SQLiteStore(path)
+    try:
+        store.commit(updates(1, 5))
+        Path(f"{path}-wal").unlink()
+        with capture_logs() as logs, pytest.raises(StoreError, match="write-ahead log"):
+            store.commit(updates(6, 1, 15))
+        [lost] = [e for e in logs if e["event"] == "store.file_lost"]
+        assert lost["reason"] == "lost its write-ahead log (-wal file deleted)"
+        [copy] = rescued(tmp_path)
+        assert lost["rescued"] == str(copy)
+    finally:
+        store.close()
+    copy_store = SQLiteStore(copy, readonly=True)
+    assert [u.seq for u in copy_store.history()] == list(range(1, 6))
+    copy_store.close()
