@@ -89,3 +89,39 @@ async def test_a_write_that_raises_does_not_stop_the_broadcasts(
     assert failed
     assert {e["client"] for e in failed} == {"c0"}
     peer.ws.transport.write = real_write  # type: ignore[method-assign]
+
+
+async def test_no_watcher_is_always_written_last(
+    make_server: ServerFactory, open_client: OpenClient
+) -> None:
+    # Written in registration order, the last client to connect would wait for everyone
+    # else's write in every broadcast: each broadcast starts somewhere else instead.
+    server = await make_server(memory=True)
+    hub = server.hub
+    watchers = [await open_client(server.url, {"client": f"w{i}"}) for i in range(20)]
+    order: list[list[str | None]] = []
+    start_round = hub.rounds.start
+
+    def recording(round_: rounds_module.Round, sliced: bool = True) -> None:
+        if round_.updates:
+            order.append([peer.client for peer in round_.targets])
+        start_round(round_, sliced)
+
+    hub.rounds.start = recording  # type: ignore[method-assign]
+    sender = watchers[0]
+    for i in range(40):
+        assert (await sender.add(1, f"a{i}"))["type"] == "ack"
+        await watchers[-1].items_until(i + 1)
+    for watcher in watchers:  # each read all it was sent (and closes promptly)
+        await watcher.items_until(40)
+    assert len(order) >= 20
+    assert all(sorted(map(str, o)) == sorted(f"w{i}" for i in range(20)) for o in order)
+    firsts = {o[0] for o in order}
+    lasts = {o[-1] for o in order}
+    assert len(firsts) >= 5, firsts  # 40 broadcasts, 20 watchers: many different starts
+    assert len(lasts) >= 5, lasts
+    # Still one rotation of the registration order: nobody skipped, nobody twice.
+    registered = [peer.client for peer in hub.peers]
+    for o in order:
+        k = registered.index(o[0])
+        assert o == registered[k:] + registered[:k]

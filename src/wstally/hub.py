@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -292,6 +293,12 @@ class Hub:
             # tick (_flush_own), not when the broadcast's slice reaches their peer: a new
             # connection's snapshot must not wait for a broadcast to 15,000 others.
             targets = list(self.peers)
+            if len(targets) > 1:
+                # Each broadcast starts at a random connection: in registration order, the
+                # last of 1,000 watchers to connect waited for the 999 others every time
+                # (fan-out p50 40 ms, against 23 ms for the load test's average watcher).
+                start = random.randrange(len(targets))
+                targets = targets[start:] + targets[:start]
         if force:
             for peer in self.lagging:
                 own, peer.outbox = peer.outbox, []
