@@ -99,13 +99,17 @@ class Worker:
         self.closing = False
 
     def _new_watchers(self) -> list[Watcher]:
-        # Fan-out latency is sampled on a subset of watchers: they all receive the same frames
-        # at about the same time, and matching every delivery to its send time would cost the
-        # generator more than the run itself (16 M deliveries/s).
+        # Fan-out latency is sampled on a subset of watchers (matching every delivery to its
+        # send time would cost the generator more than the run itself, 16 M deliveries/s),
+        # spread evenly over the connection order: a server writes a broadcast to its
+        # connections one after the other, 20 ms from first to last for 1,000 of them here,
+        # often in the order they connected. The first 50 alone measured the best places
+        # only (docs/benchmarks.md, fourth session).
+        stride = max(1, len(self.watcher_homes) // LATENCY_WATCHERS)
         return [
             Watcher(
                 self.plan.sample_every,
-                self.samples[u] if i < LATENCY_WATCHERS else None,
+                self.samples[u] if i % stride == 0 and i // stride < LATENCY_WATCHERS else None,
                 self.positions,
                 u,
             )
