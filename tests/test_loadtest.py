@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -612,3 +613,24 @@ def _wait_for_port(port: int) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def test_fan_out_is_timed_on_watchers_spread_over_the_connection_order() -> None:
+    # A server writes a broadcast to its connections one after the other (20 ms from first
+    # to last for 1,000 here): the timed watchers must sample every place in that order,
+    # not only the first connected, which servers reach first.
+    import multiprocessing
+
+    from wstally.loadgen.plan import Plan
+    from wstally.loadgen.shared import Shared
+    from wstally.loadgen.worker import LATENCY_WATCHERS, Worker
+
+    shared = Shared.allocate(multiprocessing.get_context("spawn"), 1, 8)
+    for count in (1000, 120, 10):
+        plan = Plan(index=0, targets=(("127.0.0.1", 1),), watchers=count, senders=0)
+        timed = [i for i, w in enumerate(Worker(plan, shared).watchers) if w.samples is not None]
+        assert len(timed) == min(count, LATENCY_WATCHERS)
+        assert timed[0] == 0
+        assert timed[-1] >= count - count // len(timed) - 1  # as far as the last ones
+        gaps = {b - a for a, b in itertools.pairwise(timed)}
+        assert max(gaps) - min(gaps) <= 1  # evenly

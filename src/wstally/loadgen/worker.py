@@ -105,13 +105,12 @@ class Worker:
         # connections one after the other, 20 ms from first to last for 1,000 of them here,
         # often in the order they connected. The first 50 alone measured the best places
         # only (docs/benchmarks.md, fourth session).
-        stride = max(1, len(self.watcher_homes) // LATENCY_WATCHERS)
+        count = len(self.watcher_homes)
+        timed = min(count, LATENCY_WATCHERS)
+        spread = {k * count // timed for k in range(timed)}
         return [
             Watcher(
-                self.plan.sample_every,
-                self.samples[u] if i % stride == 0 and i // stride < LATENCY_WATCHERS else None,
-                self.positions,
-                u,
+                self.plan.sample_every, self.samples[u] if i in spread else None, self.positions, u
             )
             for i, u in enumerate(self.watcher_homes)
         ]
