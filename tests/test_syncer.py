@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,7 +110,8 @@ async def test_a_helper_killed_is_stood_in_for_by_the_witness_then_replaced(
             # (a failure the helper saw and took with it would be reported there).
             await asyncio.wait_for(syncer.sync(), within(5))
             assert syncer.pid is None
-            assert state(first) is None  # reaped, not left a zombie
+            await gone(first)  # reaped, not left a zombie
+            assert state(first) is None
             # The next sync starts a new helper, and says so.
             await asyncio.wait_for(syncer.sync(), within(5))
         assert syncer.pid not in (None, first)
@@ -167,6 +169,21 @@ async def test_a_helper_that_cannot_start_is_unavailable(wal: tuple[int, str]) -
     syncer = syncer_for(wal, executable="/nonexistent/python3")
     with pytest.raises(SyncUnavailable, match="cannot start the fsync helper"):
         await syncer.sync()
+
+
+async def test_helpers_that_stop_before_answering_make_the_syncer_unavailable(
+    wal: tuple[int, str],
+) -> None:
+    # An interpreter that exits at once (broken, say): each sync is vouched for by the
+    # witness, but after two such helpers in a row there is no helper to be had.
+    syncer = syncer_for(wal, executable=shutil.which("true") or "/bin/true")
+    try:
+        assert await asyncio.wait_for(syncer.sync(), within(5)) is False
+        assert await asyncio.wait_for(syncer.sync(), within(5)) is False
+        with pytest.raises(SyncUnavailable, match="stops before it answers"):
+            await syncer.sync()
+    finally:
+        syncer.close()
 
 
 def children(pid: int) -> list[int]:
@@ -300,12 +317,41 @@ async def test_the_helper_checkpoints_the_wal_into_the_database(
     engine = await engine_on(tmp_path)
     db = tmp_path / "tally.db"
     try:
+        assert isinstance(engine.store, SQLiteStore)
+        assert engine.store.checkpoints_deferred  # SQLite's own, inside COMMIT, are off
         before = db.stat().st_size
         for n in range(19):
             await engine.submit([add(1, f"{n}-{i}") for i in range(100)])
-        # SQLite's own checkpoints are off: nothing reached the database file yet.
+        # Nothing reached the database file yet.
         assert db.stat().st_size == before
         await engine.submit([add(1, "last")])
         assert db.stat().st_size > before
+    finally:
+        await engine.close()
+
+
+async def test_a_checkpoint_cut_short_by_a_reader_is_asked_for_again_until_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    import wstally.engine.local
+
+    monkeypatch.setattr(wstally.engine.local, "CHECKPOINT_COMMITS", 3)
+    engine = await engine_on(tmp_path)
+    try:
+        await engine.submit([add(1, "a")])
+        # A replay's read holds a snapshot: the checkpoint cannot copy past it.
+        reader = sqlite3.connect(tmp_path / "tally.db", isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM updates").fetchone()
+        for n in range(10):
+            await engine.submit([add(1, f"b{n}")])
+        commits, _ = engine._since_checkpoint
+        assert commits == 11  # still asked for, every commit since the third
+        reader.execute("COMMIT")
+        reader.close()
+        await engine.submit([add(1, "c")])
+        assert engine._since_checkpoint == (0, 0)  # done at last: the WAL starts over
     finally:
         await engine.close()

@@ -71,8 +71,8 @@ class LocalEngine:
         # SQLite's commits: the transaction written on the loop, its fsync in a helper
         # process (store/syncer.py), or None: the whole commit on the store's thread.
         self._syncer: Syncer | None = None
-        self._commit_lock = asyncio.Lock()
         self._since_checkpoint = (0, 0)  # commits, updates
+        self._closing = False
         self._feed: asyncio.Queue[FeedEvent] = asyncio.Queue()
         self._watcher: asyncio.Task[None] | None = None
         # Why commits fail (for /healthz), or None: set by a failed commit or check,
@@ -140,26 +140,44 @@ class LocalEngine:
             await self._run(store.commit, updates)
             return
         assert isinstance(store, SQLiteStore)
-        # One at a time (the batcher's rounds are anyway): a commit acked on the strength
-        # of its own fsync while an earlier one's failed would sit on top of a hole.
-        async with self._commit_lock:
-            # Page-cache writes only: cheaper here than a trip to a thread and back, which
-            # waits for the GIL while the loop is busy.
-            store.write(updates)
-            commits, count = self._since_checkpoint
-            commits, count = commits + 1, count + len(updates)
-            checkpoint = commits >= CHECKPOINT_COMMITS or count >= CHECKPOINT_UPDATES
-            try:
-                await syncer.sync(checkpoint)
-            except SyncError as exc:
-                store.sync_failed(str(exc))
-            except Exception as exc:
-                # No helper (it cannot be started): the store's thread syncs, now and from
-                # now on, and SQLite checkpoints inside its commits again.
-                self._drop_syncer(str(exc))
-                await self._run(store.sync)
-                return
-            self._since_checkpoint = (0, 0) if checkpoint else (commits, count)
+        # Page-cache writes only: cheaper here than a trip to a thread and back, which
+        # waits for the GIL while the loop is busy.
+        store.write(updates)
+        # Written: from here on, an fsync that cannot be vouched for degrades the store for
+        # good (never "total unchanged" for an update that is in the file).
+        commits, count = self._since_checkpoint
+        commits, count = commits + 1, count + len(updates)
+        checkpoint = commits >= CHECKPOINT_COMMITS or count >= CHECKPOINT_UPDATES
+        try:
+            done = await syncer.sync(checkpoint)
+        except SyncError as exc:
+            store.sync_failed(str(exc))
+        except SyncUnavailable as exc:
+            await self._sync_without_helper(store, str(exc))
+            return
+        except Exception as exc:
+            store.sync_failed(f"{type(exc).__name__}: {exc}")
+        # A checkpoint cut short (a replay reading) is asked for again with the next
+        # commit, as SQLite itself does: otherwise the WAL would grow for as long as
+        # replays go on.
+        self._since_checkpoint = (0, 0) if done else (commits, count)
+
+    async def _sync_without_helper(self, store: SQLiteStore, error: str) -> None:
+        if self._closing:
+            store.sync_failed("the server stopped before the fsync")
+        if self._syncer is not None:
+            self._syncer.close()
+            self._syncer = None
+        log.warning("store.syncer_unavailable", error=error)
+        # The store's thread syncs, now and from now on, and SQLite checkpoints inside
+        # its commits again.
+        try:
+            store.defer_checkpoints(False)
+            await self._run(store.sync)
+        except SyncFailed:
+            raise
+        except Exception as exc:
+            store.sync_failed(f"{type(exc).__name__}: {exc}")
 
     async def _open_syncer(self) -> None:
         store = self._store
@@ -169,24 +187,17 @@ class LocalEngine:
         # is visible to readers from its write on, a moment before its fsync.)
         if not isinstance(store, SQLiteStore) or self._reader is None or store.wal_fd < 0:
             return
-        syncer = Syncer(store.wal_fd, store.wal_path, str(store.real_path))
+        syncer = Syncer(store.wal_fd, store.wal_path, str(store.real_path), store.identity)
         try:
             await syncer.sync()
+            if syncer.pid is None:
+                raise SyncUnavailable("the fsync helper stopped before it answered")
         except (SyncError, SyncUnavailable) as exc:
             syncer.close()
             log.warning("store.syncer_unavailable", error=str(exc))
             return
         store.defer_checkpoints(True)
         self._syncer = syncer
-
-    def _drop_syncer(self, error: str) -> None:
-        if self._syncer is not None:
-            self._syncer.close()
-            self._syncer = None
-        store = self._store
-        if isinstance(store, SQLiteStore):
-            store.defer_checkpoints(False)
-        log.warning("store.syncer_unavailable", error=error)
 
     async def feed(self) -> AsyncIterator[FeedEvent]:
         while True:
@@ -221,6 +232,7 @@ class LocalEngine:
         return Position(tally.epoch, tally.committed_seq, tally.committed_total)
 
     async def close(self) -> None:
+        self._closing = True
         if self._watcher is not None:
             self._watcher.cancel()
         if self._syncer is not None:

@@ -22,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, NoReturn
 
 from wstally import logsetup
 from wstally.store.base import ROW_COLUMNS, StoredState, StoreError, SyncFailed, new_epoch
@@ -107,6 +107,16 @@ class SQLiteStore:
         except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
             self._release_lock()
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the database file opened ((0, 0): read-only)."""
+        return self._identity or (0, 0)
+
+    @property
+    def checkpoints_deferred(self) -> bool:
+        (pages,) = self._db.execute("PRAGMA wal_autocheckpoint").fetchone()
+        return int(pages) == 0
 
     @property
     def real_path(self) -> Path:
@@ -279,7 +289,7 @@ class SQLiteStore:
         except OSError as exc:
             self.sync_failed(f"fdatasync failed: {exc.errno} {exc.strerror}")
 
-    def sync_failed(self, error: str) -> None:
+    def sync_failed(self, error: str) -> NoReturn:
         """What was written may not be on disk, and SQLite counts it as committed: no
         further commit may be acknowledged on top of it (a restart tells what survived)."""
         self.degraded = f"fsync of {self.path} failed ({error}); restart the server"

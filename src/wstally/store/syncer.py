@@ -6,7 +6,8 @@ interpreter's switch interval, 5 ms, every time: on a loaded server, a 0.3 ms co
 1-10 ms this way (docs/benchmarks.md). So the loop writes the transaction itself (no fsync:
 page-cache writes) and asks a small helper process to ``fdatasync`` the WAL, and now and then
 to checkpoint it; the answer comes back on a pipe that the event loop watches like any
-socket. The helper holds no GIL of ours and the loop never waits on the disk.
+socket. The helper holds no GIL of ours, and the loop waits on the disk only once per
+checkpoint (SQLite syncs the WAL's header when it starts the WAL over: ~0.4 ms here).
 
 The helper runs ``python -I -S -c _CHILD``, ready in ~20 ms. It ignores SIGINT and SIGTERM (a
 Ctrl-C in the server's terminal, or a service manager stopping it, reaches every process of
@@ -40,18 +41,42 @@ log = logsetup.get_logger("wstally.store")
 fdatasync = getattr(os, "fdatasync", os.fsync)
 
 # One request byte in ("s": sync; "c": sync, then checkpoint the WAL into the database); one
-# reply line out per request byte: "0" when the file is on disk, or "<errno> <message>". The
-# requests read in one go are answered by one fsync, made after all of them were asked. A
-# checkpoint that fails (a reader in the way) is left for the next one: it loses nothing.
+# reply line out per request byte: "0" when the file is on disk ("0 +" / "0 -" after a "c":
+# the checkpoint done, or not all of it: a reader was in the way), or "<errno> <message>".
+# The requests read in one go are answered by one fsync, made after all of them were asked.
+# The helper's own connection to the database is opened at start, read-write but never
+# creating a file, and checkpoints only while the path still names the server's file.
 _CHILD = """
 import os, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
+for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+    signal.signal(getattr(signal, name), signal.SIG_IGN)
 sync = getattr(os, "fdatasync", os.fsync)
 fd, directory, database = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-os.fsync(directory)
+identity = (int(sys.argv[4]), int(sys.argv[5]))
+try:
+    os.fsync(directory)
+except OSError:
+    pass  # a directory some filesystems will not fsync; SQLite goes on without, too
 os.close(directory)
-db = None
+try:
+    import sqlite3
+    from urllib.parse import quote
+    uri = "file:" + quote(database) + "?mode=rw"
+    db = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
+    db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the WAL, opened now
+except Exception:
+    db = None
+
+def checkpoint():
+    try:
+        st = os.stat(database)
+        if db is None or (st.st_dev, st.st_ino) != identity or os.fstat(fd).st_nlink == 0:
+            return b" -"
+        busy, log, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return b" +" if busy == 0 and done == log else b" -"
+    except Exception:
+        return b" -"
+
 try:
     while True:
         asked = os.read(0, 4096)
@@ -59,18 +84,13 @@ try:
             break
         try:
             sync(fd)
-            reply = b"0\\n"
+            ok = True
         except OSError as exc:
-            reply = f"{exc.errno} {exc.strerror}\\n".encode()
-        if b"c" in asked and reply == b"0\\n":
-            try:
-                if db is None:
-                    import sqlite3
-                    db = sqlite3.connect(database, isolation_level=None)
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except Exception:
-                pass
-        os.write(1, reply * len(asked))
+            ok, failed = False, f"{exc.errno} {exc.strerror}\\n".encode()
+        done = checkpoint() if ok and b"c" in asked else b" -"
+        os.write(1, b"".join(
+            (b"0" + (done if a == 99 else b"") + b"\\n") if ok else failed for a in asked
+        ))
 except BrokenPipeError:
     pass
 """
@@ -92,24 +112,34 @@ class Syncer:
     """Makes a SQLite database's WAL durable on request, from a helper process.
 
     ``witness`` is an open descriptor of the WAL (the store's), ``wal`` and ``database``
-    their real paths.
+    their real paths, ``identity`` the database file's (st_dev, st_ino).
     """
 
     def __init__(
-        self, witness: int, wal: str, database: str, executable: str = sys.executable
+        self,
+        witness: int,
+        wal: str,
+        database: str,
+        identity: tuple[int, int] = (0, 0),
+        executable: str = sys.executable,
     ) -> None:
         self._witness = witness
         self._wal = wal
         self._database = database
+        self._identity = identity
         self._executable = executable
         self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The helper's pipes: requests in, replies out.
         self._ask = self._answers = -1
-        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._partial = b""
         self._closed = False
         self._spawned = 0
+        # Helpers in a row that stopped before they answered anything: after two, there is
+        # no helper to be had (a broken interpreter, say), not a helper that was killed.
+        self._answered = False
+        self._mute = 0
         self.restarts = 0
         self._exit_code: int | None = None  # of the helper that stopped last, if known
 
@@ -117,15 +147,18 @@ class Syncer:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
-    async def sync(self, checkpoint: bool = False) -> None:
+    async def sync(self, checkpoint: bool = False) -> bool:
         """Return once everything written to the WAL so far is on disk; ``checkpoint``:
-        then copy the WAL into the database file, so that SQLite starts it over.
+        then copy the WAL into the database file, so that SQLite starts it over, and
+        return whether all of it was copied (a reader in the way stops it short).
 
         Raises SyncError when the fsync failed, SyncUnavailable when no helper can be
         started (the caller syncs some other way).
         """
         if self._closed:
             raise SyncUnavailable("the syncer is closed")
+        if self._mute >= 2:
+            raise SyncUnavailable("the fsync helper stops before it answers")
         loop = asyncio.get_running_loop()
         if self._proc is None or self._loop is not loop:
             self._stopped()
@@ -133,7 +166,7 @@ class Syncer:
                 self._spawn(loop)
             except OSError as exc:
                 raise SyncUnavailable(f"cannot start the fsync helper: {exc}") from exc
-        future = loop.create_future()
+        future: asyncio.Future[bool] = loop.create_future()
         self._waiting.append(future)
         try:
             # One byte into a pipe the helper keeps emptying: it does not block.
@@ -142,13 +175,14 @@ class Syncer:
             self._waiting.remove(future)
             self._stopped()
             await self._ask_witness()
-            return
+            return False
         try:
-            await future
+            return await future
         except _Stopped:
             if self._closed:
                 raise SyncUnavailable("the syncer was closed during an fsync") from None
             await self._ask_witness()
+            return False
 
     async def _ask_witness(self) -> None:
         # The helper stopped (killed, say) with our request: had its fsync failed, only a
@@ -175,7 +209,7 @@ class Syncer:
             os.close(fd)
             raise
         try:
-            args = [str(fd), str(directory), self._database]
+            args = [str(fd), str(directory), self._database, *map(str, self._identity)]
             proc = subprocess.Popen(
                 [self._executable, "-I", "-S", "-c", _CHILD, *args],
                 stdin=subprocess.PIPE,
@@ -189,6 +223,7 @@ class Syncer:
             self.restarts += 1
             log.warning("store.syncer_restarted", pid=proc.pid, exit_code=self._exit_code)
         self._spawned += 1
+        self._answered = False
         self._proc, self._loop = proc, loop
         self._ask = proc.stdin.fileno() if proc.stdin is not None else -1
         self._answers = proc.stdout.fileno() if proc.stdout is not None else -1
@@ -212,8 +247,9 @@ class Syncer:
             future = self._waiting.popleft()
             if future.done():  # its commit was cancelled: the answer is nobody's
                 continue
-            if line == b"0":
-                future.set_result(None)
+            if line[:1] == b"0":
+                self._answered, self._mute = True, 0
+                future.set_result(line == b"0 +")
             else:
                 error = line.decode(errors="replace")
                 future.set_exception(SyncError(f"fdatasync failed: {error}"))
@@ -222,6 +258,8 @@ class Syncer:
         """The helper is gone, or is to go: whoever waits on it is told."""
         proc, self._proc = self._proc, None
         if proc is not None:
+            if not self._answered and not self._closed:
+                self._mute += 1
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._answers)
             for pipe in (proc.stdin, proc.stdout):
