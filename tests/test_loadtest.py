@@ -634,3 +634,18 @@ def test_fan_out_is_timed_on_watchers_spread_over_the_connection_order() -> None
         assert timed[-1] >= count - count // len(timed) - 1  # as far as the last ones
         gaps = {b - a for a, b in itertools.pairwise(timed)}
         assert max(gaps) - min(gaps) <= 1  # evenly
+
+
+def test_probe_times_the_acks_of_a_quiet_process_apart(tmp_path: Path) -> None:
+    code, figures, output = loadtest(
+        tmp_path, "--spawn", "--store", "memory", "--watchers", "20", "--senders", "2",
+        "--rate", "50", "--duration", "2", "--probe",
+    )  # fmt: skip
+    assert code == 0, output
+    assert "probe ack latency" in output
+    # Its adds count in the verdict like any other (the run PASSed on them too) ...
+    assert figures["acked"] == figures["sent"] > 2 * 50 * 2
+    probe = figures["probe_ack_ms"]
+    assert probe["count"] >= 50  # ... and its acks are timed apart: 50/s for 2 s
+    assert probe["count"] < figures["ack_ms"]["count"]
+    assert len(figures["generator_cpu"]) == 2  # one more process

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from wstally.loadgen.plan import PROBE_RATE
 from wstally.options import apply_env, env_argument, ws_url
 from wstally.suggest import parse_args as parse_or_suggest
 
@@ -174,6 +175,13 @@ def _load_flags(group: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="survive server restarts: reconnect, resend unanswered adds with their ids "
         "(the verdict then proves exactly-once across the crash)",
+    )
+    group.add_argument(
+        "--probe",
+        action="store_true",
+        help=f"one more generator process, quiet: a sender of {PROBE_RATE:g} adds/s whose "
+        "ack latency is reported apart (the server's, without the queueing of a generator "
+        "busy with thousands of connections); its adds count in the verdict",
     )
 
 

@@ -123,6 +123,7 @@ SIDE_BY_SIDE = (
     _latency("ack_ms", "p99"),
     _latency("fanout_ms", "p50"),
     _latency("fanout_ms", "p99"),
+    _latency("probe_ack_ms", "p99"),  # with --probe only
     Figure("server_cpu_seconds", "server_cpu_seconds", None, "{:.2f}"),
     Figure("server_cpu_us_per_delivery", "server_cpu_us_per_delivery", None, "{:.3f}"),
 )

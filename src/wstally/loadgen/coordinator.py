@@ -125,7 +125,7 @@ class LoadTest:
 
     def _judge(self, results: Results, seen: Observations) -> int:
         args = self.args
-        found = verdict.checks(results, max(1, args.processes), seen)
+        found = verdict.checks(results, max(1, args.processes) + bool(args.probe), seen)
         passed = all(check.ok for check in found)
         good = [r for r in results if isinstance(r, WorkerResult)]
         figs = figures.build(self._config(), self.targets.urls, good, seen)

@@ -7,7 +7,11 @@ import secrets
 import ssl
 from dataclasses import dataclass
 
-__all__ = ["Plan", "split_run"]
+__all__ = ["PROBE_RATE", "Plan", "split_run"]
+
+# Adds per second of the --probe process's one sender: some 400 acks timed in a run of 8 s,
+# next to a load of 1,000/s.
+PROBE_RATE = 50.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class Plan:
 
 
 def split_run(args: argparse.Namespace, targets: list[tuple[str, int]], tls: bool) -> list[Plan]:
-    """The run, shared out between ``--processes`` workers as evenly as it divides."""
+    """The run, shared out between ``--processes`` workers as evenly as it divides, and
+    with ``--probe`` one more worker: one paced sender, nothing else, the last plan."""
     workers = max(1, args.processes)
     run_id = secrets.token_hex(4)
     watchers = _split(args.watchers, workers)
@@ -73,7 +78,7 @@ def split_run(args: argparse.Namespace, targets: list[tuple[str, int]], tls: boo
     per_sender = None
     if args.updates is not None:
         per_sender = max(1, args.updates // max(1, args.senders))
-    return [
+    plans = [
         Plan(
             index=i,
             targets=tuple(targets),
@@ -99,6 +104,28 @@ def split_run(args: argparse.Namespace, targets: list[tuple[str, int]], tls: boo
         )
         for i in range(workers)
     ]
+    if getattr(args, "probe", False):
+        plans.append(
+            Plan(
+                index=workers,
+                targets=tuple(targets),
+                watchers=0,
+                senders=1,
+                window=1,
+                rate=PROBE_RATE,
+                duration=args.duration,
+                updates=None if args.updates is None else max(1, args.updates // 20),
+                sample_every=args.sample_every,
+                reconnect=args.reconnect,
+                tls=tls,
+                cafile=args.cafile,
+                token=args.token,
+                run_id=run_id,
+                send_on=tuple(args.senders_on or ()),
+                sender_offset=args.senders,
+            )
+        )
+    return plans
 
 
 def _split(total: int, parts: int) -> list[int]:

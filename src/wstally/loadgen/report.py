@@ -122,6 +122,9 @@ def _load_rows(f: dict[str, Any]) -> Rows:
     yield "deliveries/s", f"{f['deliveries_per_s']:,.0f}"
     for key, label in (("ack_ms", "ack latency"), ("fanout_ms", "fan-out latency")):
         yield f"{label} p50/p90/p99/p99.9/max", ms(f[key], "p50", "p90", "p99", "p99.9", "max")
+    if "probe_ack_ms" in f:
+        probe = f["probe_ack_ms"]
+        yield "probe ack latency p50/p90/p99/max", ms(probe, "p50", "p90", "p99", "max")
 
 
 def _server_rows(f: dict[str, Any]) -> Rows:
