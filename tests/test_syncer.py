@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from structlog.testing import capture_logs
 
 from helpers import OpenClient, within
 from servers import ServeProcess
+from wstally import logsetup
 from wstally.engine.base import EngineError, Submission
 from wstally.engine.local import SYNC_FAILED, LocalEngine
 from wstally.store import SQLiteStore
@@ -279,8 +281,11 @@ async def test_a_failed_fsync_refuses_the_batch_and_every_commit_after_it(
 
 
 async def test_without_a_helper_the_store_thread_syncs_and_nothing_is_refused(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import wstally.engine.local
+
+    monkeypatch.setattr(wstally.engine.local, "SYNCER_RETRY", within(0.5))
     engine = await engine_on(tmp_path)
     syncer = engine._syncer
     assert syncer is not None
@@ -301,10 +306,24 @@ async def test_without_a_helper_the_store_thread_syncs_and_nothing_is_refused(
         [unavailable] = [e for e in logs if e["event"] == "store.syncer_unavailable"]
         assert "cannot start the fsync helper" in unavailable["error"]
         assert engine.degraded is None
+        # Not for good: a helper is tried again a while later (the cause may have passed).
+        await asyncio.sleep(within(0.6))
+        logsetup.configure("json", "info", stream=io.StringIO())
+        try:
+            with capture_logs() as logs:
+                [result] = await engine.submit([add(6, "6")])
+        finally:
+            logsetup.configure("json", os.environ.get("WSTALLY_TEST_LOG_LEVEL", "warning"))
+        assert isinstance(result, Update)
+        assert engine._syncer is not None
+        [resumed] = [e for e in logs if e["event"] == "store.syncer_resumed"]
+        assert resumed["pid"] == engine._syncer.pid
+        assert isinstance(engine.store, SQLiteStore)
+        assert engine.store.checkpoints_deferred
     finally:
         await engine.close()
     reopened = SQLiteStore(tmp_path / "tally.db")
-    assert [u.seq for u in reopened.history()] == [1, 2, 3, 4, 5]
+    assert [u.seq for u in reopened.history()] == [1, 2, 3, 4, 5, 6]
     reopened.close()
 
 

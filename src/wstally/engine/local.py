@@ -26,6 +26,8 @@ __all__ = [
     "CHECKPOINT_UPDATES",
     "CHECK_INTERVAL",
     "STORE_FAILED",
+    "SYNCER_RETRY",
+    "SYNC_FAILED",
     "LocalEngine",
 ]
 
@@ -44,6 +46,9 @@ SYNC_FAILED = (
 # 1,000 pages (a commit writes a page or two, an update some 60 bytes).
 CHECKPOINT_COMMITS = 500
 CHECKPOINT_UPDATES = 50_000
+# Without a helper (none could be started: out of file descriptors, say), commits are synced
+# on the store's thread, and a helper is tried again this many seconds later.
+SYNCER_RETRY = 30.0
 # How often an idle store is checked (its file deleted or replaced, say): /healthz and the
 # log should tell before the next add finds out.
 CHECK_INTERVAL = 0.5
@@ -72,6 +77,7 @@ class LocalEngine:
         # process (store/syncer.py), or None: the whole commit on the store's thread.
         self._syncer: Syncer | None = None
         self._since_checkpoint = (0, 0)  # commits, updates
+        self._syncer_retry: float | None = None  # loop time to try a helper again
         self._closing = False
         self._feed: asyncio.Queue[FeedEvent] = asyncio.Queue()
         self._watcher: asyncio.Task[None] | None = None
@@ -135,6 +141,9 @@ class LocalEngine:
 
     async def _commit(self, updates: list[Update]) -> None:
         store = self._store
+        retry = self._syncer_retry
+        if retry is not None and asyncio.get_running_loop().time() >= retry:
+            await self._open_syncer(again=True)
         syncer = self._syncer
         if syncer is None:
             await self._run(store.commit, updates)
@@ -169,6 +178,7 @@ class LocalEngine:
             self._syncer.close()
             self._syncer = None
         log.warning("store.syncer_unavailable", error=error)
+        self._syncer_retry = asyncio.get_running_loop().time() + SYNCER_RETRY
         # The store's thread syncs, now and from now on, and SQLite checkpoints inside
         # its commits again.
         try:
@@ -179,8 +189,9 @@ class LocalEngine:
         except Exception as exc:
             store.sync_failed(f"{type(exc).__name__}: {exc}")
 
-    async def _open_syncer(self) -> None:
+    async def _open_syncer(self, again: bool = False) -> None:
         store = self._store
+        self._syncer_retry = None
         # Only beside a reader of its own: replays must not read through the connection
         # the loop writes on, which would make them wait for the loop's writes. (A replay
         # reads up to the hub's position only, what was acked or published: a transaction
@@ -195,9 +206,12 @@ class LocalEngine:
         except (SyncError, SyncUnavailable) as exc:
             syncer.close()
             log.warning("store.syncer_unavailable", error=str(exc))
+            self._syncer_retry = asyncio.get_running_loop().time() + SYNCER_RETRY
             return
         store.defer_checkpoints(True)
         self._syncer = syncer
+        if again:
+            log.info("store.syncer_resumed", pid=syncer.pid)
 
     async def feed(self) -> AsyncIterator[FeedEvent]:
         while True:
