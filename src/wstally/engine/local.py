@@ -174,12 +174,8 @@ class LocalEngine:
     async def _sync_without_helper(self, store: SQLiteStore, error: str) -> None:
         if self._closing:
             store.sync_failed("the server stopped before the fsync")
-        if self._syncer is not None:
-            self._syncer.close()
-            self._syncer = None
-        log.warning("store.syncer_unavailable", error=error)
-        self._syncer_retry = asyncio.get_running_loop().time() + SYNCER_RETRY
-        # The store's thread syncs, now and from now on, and SQLite checkpoints inside
+        self._without_helper(self._syncer, error)
+        # The store's thread syncs until a helper is back, and SQLite checkpoints inside
         # its commits again.
         try:
             store.defer_checkpoints(False)
@@ -204,14 +200,20 @@ class LocalEngine:
             if syncer.pid is None:
                 raise SyncUnavailable("the fsync helper stopped before it answered")
         except (SyncError, SyncUnavailable) as exc:
-            syncer.close()
-            log.warning("store.syncer_unavailable", error=str(exc))
-            self._syncer_retry = asyncio.get_running_loop().time() + SYNCER_RETRY
+            self._without_helper(syncer, str(exc))
             return
         store.defer_checkpoints(True)
         self._syncer = syncer
         if again:
             log.info("store.syncer_resumed", pid=syncer.pid)
+
+    def _without_helper(self, syncer: Syncer | None, error: str) -> None:
+        """No helper to be had: say so, and try again in a while."""
+        if syncer is not None:
+            syncer.close()
+        self._syncer = None
+        log.warning("store.syncer_unavailable", error=error)
+        self._syncer_retry = asyncio.get_running_loop().time() + SYNCER_RETRY
 
     async def feed(self) -> AsyncIterator[FeedEvent]:
         while True:

@@ -27,7 +27,8 @@ def build(
     if config.get("probe"):
         # The quiet process's own acks (its worker is the last one).
         probe = max(1, int(config.get("processes") or 1))
-        figures["probe_ack_ms"] = _latency([r for r in good if r.index == probe], _ack)
+        mine = [r for r in good if r.index == probe]
+        figures["probe_ack_ms"] = _latency(mine, lambda r: r.ack_hist)
     if len(urls) > 1:
         figures["nodes"] = _nodes(urls, good, seen)
         figures["fanout_same_node_ms"] = _latency(good, lambda r: r.fanout_same_hist)
@@ -35,10 +36,6 @@ def build(
     if seen.before.redis and seen.after.redis:
         figures["redis"] = _redis(seen, figures["acked"])
     return figures
-
-
-def _ack(result: WorkerResult) -> bytes:
-    return result.ack_hist
 
 
 def _latency(good: list[WorkerResult], hist: Callable[[WorkerResult], bytes]) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import secrets
 import ssl
 from dataclasses import dataclass
@@ -104,27 +105,23 @@ def split_run(args: argparse.Namespace, targets: list[tuple[str, int]], tls: boo
         )
         for i in range(workers)
     ]
-    if getattr(args, "probe", False):
-        plans.append(
-            Plan(
-                index=workers,
-                targets=tuple(targets),
-                watchers=0,
-                senders=1,
-                window=1,
-                rate=PROBE_RATE,
-                duration=args.duration,
-                updates=None if args.updates is None else max(1, args.updates // 20),
-                sample_every=args.sample_every,
-                reconnect=args.reconnect,
-                tls=tls,
-                cafile=args.cafile,
-                token=args.token,
-                run_id=run_id,
-                send_on=tuple(args.senders_on or ()),
-                sender_offset=args.senders,
-            )
+    if args.probe:
+        # The same run and targets as the first worker's; its own, quiet share.
+        probe = dataclasses.replace(
+            plans[0],
+            index=workers,
+            watchers=0,
+            senders=1,
+            stalled=0,
+            window=1,
+            rate=PROBE_RATE,
+            updates=None if args.updates is None else max(1, args.updates // 20),
+            ramp=0.0,
+            watcher_offset=0,
+            sender_offset=args.senders,
+            stalled_offset=0,
         )
+        plans.append(probe)
     return plans
 
 

@@ -26,7 +26,7 @@ from typing import IO, NoReturn
 
 from wstally import logsetup
 from wstally.store.base import ROW_COLUMNS, StoredState, StoreError, SyncFailed, new_epoch
-from wstally.store.syncer import fdatasync
+from wstally.store.syncer import failed, fdatasync
 from wstally.tally import Update
 
 __all__ = ["SQLiteStore"]
@@ -287,7 +287,7 @@ class SQLiteStore:
         try:
             fdatasync(self.wal_fd)
         except OSError as exc:
-            self.sync_failed(f"fdatasync failed: {exc.errno} {exc.strerror}")
+            self.sync_failed(failed(exc))
 
     def sync_failed(self, error: str) -> NoReturn:
         """What was written may not be on disk, and SQLite counts it as committed: no

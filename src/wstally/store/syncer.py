@@ -33,12 +33,18 @@ import threading
 
 from wstally import logsetup
 
-__all__ = ["SyncError", "SyncUnavailable", "Syncer", "fdatasync"]
+__all__ = ["SyncError", "SyncUnavailable", "Syncer", "failed", "fdatasync"]
 
 log = logsetup.get_logger("wstally.store")
 
 # macOS has no fdatasync; its fsync is what SQLite uses there too.
 fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+def failed(exc: OSError) -> str:
+    """How a failed fsync is told, by the helper (its reply) and here alike."""
+    return f"fdatasync failed: {exc.errno} {exc.strerror}"
+
 
 # One request byte in ("s": sync; "c": sync, then checkpoint the WAL into the database); one
 # reply line out per request byte: "0" when the file is on disk ("0 +" / "0 -" after a "c":
@@ -135,17 +141,21 @@ class Syncer:
         self._waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._partial = b""
         self._closed = False
-        self._spawned = 0
+        self._spawned = 0  # helpers started
         # Helpers in a row that stopped before they answered anything: after two, there is
         # no helper to be had (a broken interpreter, say), not a helper that was killed.
         self._answered = False
         self._mute = 0
-        self.restarts = 0
         self._exit_code: int | None = None  # of the helper that stopped last, if known
 
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
+
+    @property
+    def restarts(self) -> int:
+        """Helpers started to replace one that stopped."""
+        return max(0, self._spawned - 1)
 
     async def sync(self, checkpoint: bool = False) -> bool:
         """Return once everything written to the WAL so far is on disk; ``checkpoint``:
@@ -191,7 +201,7 @@ class Syncer:
         try:
             await loop.run_in_executor(None, fdatasync, self._witness)
         except OSError as exc:
-            raise SyncError(f"fdatasync failed: {exc.errno} {exc.strerror}") from exc
+            raise SyncError(failed(exc)) from exc
 
     def close(self) -> None:
         """Stop the helper (its request pipe closes, it exits); no sync after this."""
@@ -220,7 +230,6 @@ class Syncer:
             os.close(fd)
             os.close(directory)
         if self._spawned:  # the one before stopped
-            self.restarts += 1
             log.warning("store.syncer_restarted", pid=proc.pid, exit_code=self._exit_code)
         self._spawned += 1
         self._answered = False
