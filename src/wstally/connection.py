@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from http import HTTPStatus
 from math import ceil
 from typing import Any
@@ -19,10 +19,11 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import InvalidMessage
 from websockets.frames import CloseCode, Frame, Opcode
-from websockets.protocol import SEND_EOF
+from websockets.protocol import CONNECTING, OPEN, SEND_EOF
 from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 
-from wstally import logsetup
+from wstally import logsetup, wire
 from wstally.budgets import Window
 from wstally.penalty import Penalties
 
@@ -43,6 +44,24 @@ TURN = 0.001
 # to read the close frame and its reason (on a loaded machine, a second was not always
 # enough), then the connection is cut.
 FLOOD_ABORT = 5.0
+
+
+# Frames are split out of reads (wire.py) up to this payload size, or the server's max_size
+# if smaller; a larger one turns the split off for the connection (websockets parses all).
+MAX_SPLIT = 65535
+# Where websockets' frame parser waits when it stands at a frame's first byte.
+_AT_FRAME_START = StreamReader.at_eof.__code__
+# The handler's taker of a text message read straight off the wire (Intake.direct).
+Direct = Callable[[str], bool]
+
+
+def at_frame_start(parser: Generator[None]) -> bool:
+    """Whether websockets' parser waits for the first byte of a frame (not midway through
+    one whose first bytes it has already consumed)."""
+    gen: Any = parser
+    while (inner := getattr(gen, "gi_yieldfrom", None)) is not None:
+        gen = inner
+    return getattr(gen, "gi_code", None) is _AT_FRAME_START
 
 
 # Past this many bytes without the end of the request head, websockets' own parser takes
@@ -114,7 +133,19 @@ class Intake:
     """What a connection has read, and what it may still read: its frame budgets, the bytes
     waiting to be parsed, and whether reading is held or over."""
 
-    __slots__ = ("backlog", "control", "eof", "flooded", "frames", "held", "received")
+    __slots__ = (
+        "backlog",
+        "control",
+        "direct",
+        "eof",
+        "flooded",
+        "fragmented",
+        "frames",
+        "held",
+        "partial",
+        "received",
+        "split",
+    )
 
     def __init__(self, now: float) -> None:
         self.frames = Window(now)  # every frame, the frame budget
@@ -124,6 +155,12 @@ class Intake:
         self.backlog = bytearray()  # read, not yet parsed (see data_received)
         self.eof = False  # the peer's EOF came while slices were waiting
         self.held = False  # a shutdown stopped reading (hold_reading)
+        # Reads split into frames (wire.py): 0 not yet (until the handshake is done), the
+        # payload limit once on, -1 off for good (compression, an oversized frame).
+        self.split = 0
+        self.partial = b""  # the start of a frame whose end has not come yet
+        self.fragmented = False  # websockets holds the first fragments of a message
+        self.direct: Direct | None = None  # the handler's taker, while it reads
 
 
 class TallyConnection(ServerConnection):
@@ -169,7 +206,7 @@ class TallyConnection(ServerConnection):
             self.transport.pause_reading()
             return
         if len(data) <= SLICE:
-            super().data_received(data)
+            self._parse(data)
             return
         # websockets parses (and answers, for pings) every frame of a read before we count
         # one, in one go: a 256 KiB read of pings is 40,000 frames and 0.3 s of a loop that
@@ -178,6 +215,98 @@ class TallyConnection(ServerConnection):
         self.intake.backlog = bytearray(data)
         self.transport.pause_reading()
         self._feed()
+
+    def _parse(self, data: bytes) -> None:
+        if self.intake.split > 0 or self._start_split():
+            self._split(data)
+        else:
+            super().data_received(data)
+
+    def _start_split(self) -> bool:
+        """Split reads from now on, if the connection is open and websockets' parser stands
+        at a frame's first byte (so that the two never disagree on where frames start)."""
+        intake = self.intake
+        protocol = self.protocol
+        if intake.split < 0 or protocol.state is not OPEN:
+            if protocol.state is not CONNECTING:
+                intake.split = -1
+            return False
+        if protocol.extensions:
+            intake.split = -1  # compressed frames need websockets' decoder
+            return False
+        if protocol.reader.buffer or not at_frame_start(protocol.parser):
+            return False  # midway through a frame: try again at the next read
+        size = protocol.max_message_size
+        intake.split = MAX_SPLIT if size is None else min(size, MAX_SPLIT)
+        return True
+
+    def _split(self, data: bytes) -> None:
+        """Whole frames only: the common text frame straight to the handler (_take), any
+        other to websockets' parser, in runs of whole frames, in order."""
+        intake = self.intake
+        if intake.partial:
+            data = intake.partial + data
+            intake.partial = b""
+        limit = intake.split
+        n = len(data)
+        pos = run = 0  # run: where the frames not yet handed to websockets start
+        queued = False  # a data frame went to websockets: the later ones follow it there
+        end = n
+        while pos < n:
+            end = wire.frame_end(data, pos, limit)
+            if end <= 0:
+                break
+            first = data[pos]
+            if first == wire.TEXT and not queued and not intake.fragmented:
+                if run < pos:  # pings, pongs before it: websockets answers them first
+                    super().data_received(data[run:pos])
+                    run = pos
+                    if intake.flooded:
+                        return
+                if self._take(data, pos, end):
+                    if intake.flooded:
+                        return  # what it sent after is dropped unparsed, as in data_received
+                    run = end
+                else:
+                    queued = True
+            elif wire.is_data(first):
+                queued = True
+                intake.fragmented = wire.unfinished(first, intake.fragmented)
+            pos = end
+        if end == wire.NOT_OURS:
+            intake.split = -1  # websockets judges this frame, and parses all that follows
+            super().data_received(data[run:])
+            return
+        if run < pos:
+            super().data_received(data[run:pos])
+        if pos < n:
+            intake.partial = data[pos:]
+
+    def _take(self, data: bytes, pos: int, end: int) -> bool:
+        """Give one text frame's message to the handler, if it waits for one with nothing
+        queued and takes it (an add it applies at once); False leaves it to websockets."""
+        intake = self.intake
+        direct = intake.direct
+        if direct is None or self.protocol.state is not OPEN:
+            return False
+        waiter = self.recv_messages.frames.get_waiter
+        if waiter is None or waiter.done():
+            return False  # the handler has an earlier message in hand or queued
+        text = wire.text_payload(data, pos, end)
+        if text is None:
+            return False  # invalid UTF-8: websockets closes with 1007
+        limit = self.frame_limit
+        if limit and intake.frames.over(limit, self.loop.time):
+            self.close_for_flood(f"too many frames: at most {limit} per second", limit, "frames")
+            return True
+        try:
+            return direct(text)
+        except Exception:
+            # What websockets does when a handler raises: log it, close with 1011.
+            self.logger.error("connection handler failed", exc_info=True)
+            self.protocol.fail(CloseCode.INTERNAL_ERROR)
+            self.send_data()
+            return True
 
     def _resume_reading(self) -> None:
         intake = self.intake
@@ -193,7 +322,7 @@ class TallyConnection(ServerConnection):
         while backlog and not self.intake.flooded:
             data = bytes(backlog[:SLICE])
             del backlog[:SLICE]
-            super().data_received(data)
+            self._parse(data)
             if time.perf_counter() >= deadline:
                 break
         if self.intake.flooded:
@@ -221,6 +350,8 @@ class TallyConnection(ServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.intake.backlog.clear()  # read but never parsed: it goes with the connection
+        self.intake.partial = b""
+        self.intake.direct = None
         super().connection_lost(exc)
 
     def send_data(self) -> None:
@@ -296,6 +427,10 @@ class TallyConnection(ServerConnection):
                 async with asyncio.timeout(patience):
                     return await asyncio.shield(pong)
             except TimeoutError:
+                # A loop busy for longer than the patience (a huge broadcast, a test's client
+                # writing without pause) wakes this timeout before the reads that came
+                # meanwhile: one turn of the loop lets them be counted first.
+                await asyncio.sleep(0)
                 # Alive if we hold it (not reading) or it sent us something meanwhile: its
                 # pong is on its way, behind the data we read (or do not) first.
                 received, self.intake.received = self.intake.received, 0

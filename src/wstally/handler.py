@@ -9,6 +9,7 @@ a replay answers instead (``cancel_hold``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Protocol
@@ -89,6 +90,9 @@ class Handler:
                 user_agent=None if agent is None else protocol.escape_text(agent, 80),
             )
             flow = self.server.flow
+            if isinstance(ws, TallyConnection):
+                # Adds it can apply at once come straight from the connection's reads.
+                ws.intake.direct = functools.partial(self.take, peer)
             async for message in ws:
                 if ws.protocol.close_sent is not None and ws.protocol.close_rcvd is None:
                     # We closed it (a flood, an eviction, the shutdown): what it sent after
@@ -109,6 +113,8 @@ class Handler:
         except ConnectionClosed:
             pass
         finally:
+            if isinstance(ws, TallyConnection):
+                ws.intake.direct = None
             self.server.hub.unregister(peer)
             self.closed += 1
             # The canonical line: everything about this connection, once, at its end.
@@ -131,13 +137,34 @@ class Handler:
                 clients=self.server.hub.clients,
             )
 
+    def take(self, peer: Peer, message: str) -> bool:
+        """An add read straight off the wire (connection.py), when the loop in handle()
+        would apply it at once: True if applied; False, and handle() gets it as usual.
+
+        Only adds: anything that logs with the connection's context (a hello, a refusal)
+        must run in the connection's task, where that context is bound.
+        """
+        server = self.server
+        if server.draining or peer.lagging or server.flow.blocked or peer.phase is Phase.WAITING:
+            return False
+        req_id = None
+        try:
+            if peer.mode is Mode.PLAIN:
+                delta = protocol.parse_plain(message)
+            else:
+                msg = protocol.parse_json(message)
+                if type(msg) is not Add:
+                    return False
+                delta, req_id = msg.delta, msg.req_id
+                peer.greeted = True
+        except ProtocolError:
+            return False
+        _count(peer, message)
+        self._add(peer, delta, req_id, message)
+        return True
+
     def _on_message(self, peer: Peer, message: str | bytes) -> None:
-        peer.messages_in += 1
-        # isascii() is O(1) on CPython: the exact size of a str frame without encoding it.
-        if isinstance(message, bytes) or message.isascii():
-            peer.bytes_in += len(message)
-        else:
-            peer.bytes_in += len(message.encode())
+        _count(peer, message)
         if isinstance(message, bytes):
             self.server.hub.release(peer)
             self._invalid(peer)
@@ -239,6 +266,9 @@ class Handler:
             log.log(
                 logging.INFO if peer.refused <= REFUSALS_LOGGED else logging.DEBUG,
                 "update.refused",
+                # Named in full: refusals also come from the batcher's task and from reads
+                # taken straight off the wire, where the connection's context is not bound.
+                **peer.context(),
                 code=code,
                 id=req_id,
                 input=protocol.escape_text(raw, 80),
@@ -248,6 +278,15 @@ class Handler:
             self.server.hub.send(peer, protocol.encode_error(code, message, req_id))
         else:
             self.server.hub.send(peer, protocol.encode_plain_error(message))
+
+
+def _count(peer: Peer, message: str | bytes) -> None:
+    peer.messages_in += 1
+    # isascii() is O(1) on CPython: the exact size of a str frame without encoding it.
+    if isinstance(message, bytes) or message.isascii():
+        peer.bytes_in += len(message)
+    else:
+        peer.bytes_in += len(message.encode())
 
 
 def resynced(peer: Peer, lag: Lag, seq: int) -> None:
