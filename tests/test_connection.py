@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import struct
@@ -17,7 +18,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 
 from helpers import within
 from wstally import connection
-from wstally.connection import connection_class
+from wstally.connection import TallyConnection, connection_class
 
 HANDSHAKE = (
     b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -25,13 +26,18 @@ HANDSHAKE = (
 )
 
 
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+def client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True) -> bytes:
     """One masked client frame."""
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     n = len(payload)
-    length = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)
-    return bytes([0x80 | opcode]) + length + mask + masked
+    if n < 126:
+        length = bytes([0x80 | n])
+    elif n < 65536:
+        length = bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        length = bytes([0x80 | 127]) + struct.pack("!Q", n)
+    return bytes([(0x80 if fin else 0) | opcode]) + length + mask + masked
 
 
 class Echo:
@@ -52,9 +58,29 @@ class Echo:
             self.closed.set()
 
 
+class Taker(Echo):
+    """An echo server whose handler also takes messages straight off the wire (as wstally's
+    handler takes adds), except those starting with "q": those it declines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken: list[str] = []  # by the taker; got: by the handler's loop
+
+    def take(self, text: str) -> bool:
+        if text.startswith("q"):
+            return False
+        self.taken.append(text)
+        return True
+
+    async def handler(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, TallyConnection)
+        ws.intake.direct = self.take
+        await super().handler(ws)
+
+
 @contextlib.asynccontextmanager
-async def echo_server() -> AsyncIterator[tuple[Echo, Server]]:
-    recorder = Echo()
+async def echo_server(recorder: Echo | None = None) -> AsyncIterator[tuple[Echo, Server]]:
+    recorder = recorder if recorder is not None else Echo()
     loop = asyncio.get_running_loop()
 
     def on_error(_loop: Any, context: dict[str, Any]) -> None:
@@ -62,7 +88,11 @@ async def echo_server() -> AsyncIterator[tuple[Echo, Server]]:
 
     loop.set_exception_handler(on_error)
     async with serve(
-        recorder.handler, "127.0.0.1", 0, create_connection=connection_class(0, None)
+        recorder.handler,
+        "127.0.0.1",
+        0,
+        create_connection=connection_class(0, None),
+        max_size=8192,  # as wstally's
     ) as server:
         yield recorder, server
 
@@ -85,14 +115,16 @@ async def open_raw(server: Server) -> socket.socket:
     return sock
 
 
-def on_uvloop(scenario: Callable[[Echo, Server], Awaitable[None]]) -> None:
+def on_uvloop(
+    scenario: Callable[[Echo, Server], Awaitable[None]], recorder: Echo | None = None
+) -> None:
     """Run ``scenario`` against a fresh server on a uvloop loop of its own: uvloop (wstally
     serve's default) calls back in another order than asyncio, and the defects these tests
     keep out showed only there."""
 
     async def main() -> None:
-        async with echo_server() as (recorder, server):
-            await scenario(recorder, server)
+        async with echo_server(recorder) as (got, server):
+            await scenario(got, server)
 
     uvloop.run(main())
 
@@ -131,3 +163,132 @@ def test_a_reset_while_slices_wait_raises_nothing() -> None:
         assert recorder.errors == []
 
     on_uvloop(scenario)
+
+
+# Reads split into frames: the common text frame to the taker, the rest to websockets.
+
+
+async def read_frames(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """``count`` unmasked server frames off ``sock``: (first byte, payload)."""
+    buffer = b""
+    frames: list[tuple[int, bytes]] = []
+    while len(frames) < count:
+        chunk = await asyncio.wait_for(asyncio.to_thread(sock.recv, 65536), within(10))
+        assert chunk, f"closed after {frames}"
+        buffer += chunk
+        while len(buffer) >= 2:
+            n, start = buffer[1] & 0x7F, 2
+            if n == 126:
+                n, start = struct.unpack("!H", buffer[2:4])[0], 4
+            if len(buffer) < start + n:
+                break
+            frames.append((buffer[0], buffer[start : start + n]))
+            buffer = buffer[start + n :]
+    return frames
+
+
+def server_connection(server: Server) -> TallyConnection:
+    (ws,) = server.connections
+    assert isinstance(ws, TallyConnection)
+    return ws
+
+
+def test_text_frames_go_to_the_taker_in_order_whatever_the_reads() -> None:
+    async def scenario(recorder: Echo, server: Server) -> None:
+        assert isinstance(recorder, Taker)
+        sock = await open_raw(server)
+        frames = [client_frame(b"m%04d" % i) for i in range(200)]
+        frames[50:50] = [client_frame(b"ping-1", 0x9)]  # answered on the way
+        frames[120:120] = [client_frame(b"x" * 300)]  # a 16-bit length, still the taker's
+        stream = b"".join(frames)
+        # One byte, then reads of every size cutting frames anywhere, then one big read.
+        cuts = [0, 1, 2, 3, 7, 8, 20, 21, 64, 100, 101, 333, 1000, 1500, len(stream)]
+        for start, stop in itertools.pairwise(cuts):
+            sock.sendall(stream[start:stop])
+            await asyncio.sleep(0.01)
+        (pong,) = await read_frames(sock, 1)
+        assert pong == (0x8A, b"ping-1")
+        async with asyncio.timeout(within(10)):
+            while len(recorder.taken) < 201:  # noqa: ASYNC110 - polled server state
+                await asyncio.sleep(0.01)
+        expected = [f"m{i:04d}" for i in range(200)]
+        expected.insert(119, "x" * 300)
+        assert recorder.taken == expected
+        assert recorder.got == []  # none went through websockets' queue
+        assert server_connection(server).intake.split > 0
+        sock.close()
+        await asyncio.wait_for(recorder.closed.wait(), within(10))
+        assert recorder.errors == []
+
+    on_uvloop(scenario, Taker())
+
+
+def test_a_declined_message_keeps_its_place_and_those_after_it_follow() -> None:
+    async def scenario(recorder: Echo, server: Server) -> None:
+        assert isinstance(recorder, Taker)
+        sock = await open_raw(server)
+        sock.sendall(b"".join(client_frame(m) for m in (b"d1", b"q2", b"d3", b"d4")))
+        echoed = await read_frames(sock, 3)  # the handler echoes what it got
+        assert [p for _, p in echoed] == [b"q2", b"d3", b"d4"]
+        assert recorder.taken == ["d1"]
+        sock.sendall(client_frame(b"d5"))  # the handler waits again: the taker's
+        async with asyncio.timeout(within(10)):
+            while len(recorder.taken) < 2:  # noqa: ASYNC110 - polled server state
+                await asyncio.sleep(0.01)
+        assert recorder.taken == ["d1", "d5"]
+        assert recorder.got == ["q2", "d3", "d4"]
+        sock.close()
+        await asyncio.wait_for(recorder.closed.wait(), within(10))
+
+    on_uvloop(scenario, Taker())
+
+
+def test_a_fragmented_message_is_websockets_to_assemble() -> None:
+    async def scenario(recorder: Echo, server: Server) -> None:
+        assert isinstance(recorder, Taker)
+        sock = await open_raw(server)
+        sock.sendall(
+            client_frame(b"d1")
+            + client_frame(b"fr", 0x1, fin=False)
+            + client_frame(b"ping-2", 0x9)  # between fragments: legal
+            + client_frame(b"ag", 0x0, fin=False)
+            + client_frame(b"ment", 0x0)
+            + client_frame(b"d2")
+        )
+        frames = await read_frames(sock, 3)
+        assert frames == [(0x8A, b"ping-2"), (0x81, b"fragment"), (0x81, b"d2")]
+        assert recorder.taken == ["d1"]
+        assert recorder.got == ["fragment", "d2"]
+        sock.close()
+        await asyncio.wait_for(recorder.closed.wait(), within(10))
+
+    on_uvloop(scenario, Taker())
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (client_frame(b"\xff\xfe"), 1007),  # invalid UTF-8
+        (client_frame(b"q" * 9_000), 1009),  # over max_size
+        (client_frame(b"q" * 70_000), 1009),  # over max_size, a 64-bit length
+        (client_frame(b"q" * 2_000)[:1] + b"\x7e" + client_frame(b"q" * 2_000)[2:], 1002),
+    ],
+    ids=["invalid-utf8", "too-big", "too-big-64", "unmasked"],
+)
+def test_what_the_split_does_not_take_websockets_still_judges(frame: bytes, code: int) -> None:
+    async def scenario(recorder: Echo, server: Server) -> None:
+        assert isinstance(recorder, Taker)
+        sock = await open_raw(server)
+        sock.sendall(client_frame(b"d1"))
+        async with asyncio.timeout(within(10)):
+            while not recorder.taken:  # noqa: ASYNC110 - polled server state
+                await asyncio.sleep(0.01)
+        sock.sendall(frame + client_frame(b"d2"))
+        ((first, payload),) = await read_frames(sock, 1)
+        assert first == 0x88
+        assert struct.unpack("!H", payload[:2])[0] == code
+        assert recorder.taken == ["d1"]  # d2 came after the fault: never taken
+        sock.close()
+        await asyncio.wait_for(recorder.closed.wait(), within(10))
+
+    on_uvloop(scenario, Taker())
