@@ -66,7 +66,8 @@ class Taker(Echo):
         super().__init__()
         self.taken: list[str] = []  # by the taker; got: by the handler's loop
 
-    def take(self, text: str) -> bool:
+    def take(self, direct: object, text: str) -> bool:
+        assert direct is self
         if text.startswith("q"):
             return False
         self.taken.append(text)
@@ -74,7 +75,7 @@ class Taker(Echo):
 
     async def handler(self, ws: ServerConnection) -> None:
         assert isinstance(ws, TallyConnection)
-        ws.intake.direct = self.take
+        ws.intake.direct = self
         await super().handler(ws)
 
 
@@ -91,7 +92,9 @@ async def echo_server(recorder: Echo | None = None) -> AsyncIterator[tuple[Echo,
         recorder.handler,
         "127.0.0.1",
         0,
-        create_connection=connection_class(0, None),
+        create_connection=connection_class(
+            0, None, recorder.take if isinstance(recorder, Taker) else None
+        ),
         max_size=8192,  # as wstally's
     ) as server:
         yield recorder, server

@@ -9,7 +9,6 @@ a replay answers instead (``cancel_hold``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from typing import Protocol
@@ -92,7 +91,7 @@ class Handler:
             flow = self.server.flow
             if isinstance(ws, TallyConnection):
                 # Adds it can apply at once come straight from the connection's reads.
-                ws.intake.direct = functools.partial(self.take, peer)
+                ws.intake.direct = peer
             async for message in ws:
                 if ws.protocol.close_sent is not None and ws.protocol.close_rcvd is None:
                     # We closed it (a flood, an eviction, the shutdown): what it sent after

@@ -151,7 +151,9 @@ class TallyServer:
                 select_subprotocol=select_subprotocol,
                 process_request=self.endpoints.process_request,
                 create_connection=connection_class(
-                    cfg.frame_limit, Penalties(cfg.flood_ban) if cfg.flood_ban else None
+                    cfg.frame_limit,
+                    Penalties(cfg.flood_ban) if cfg.flood_ban else None,
+                    self.handler.take,
                 ),
                 compression="deflate" if cfg.compression else None,
                 max_size=protocol.MAX_FRAME,
