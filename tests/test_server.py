@@ -12,6 +12,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from helpers import GatedStore, JsonClient, OpenClient, ServerFactory, http_get, within
+from wstally.connection import TallyConnection
 from wstally.server import TallyServer
 from wstally.store import SQLiteStore
 from wstally.tally import INT64_MAX, INT64_MIN
@@ -152,6 +153,23 @@ async def test_duplicate_id_is_not_applied_again(
     third = await client.add(1, "y")
     assert third["seq"] == 2
     assert third["total"] == 11
+
+
+async def test_adds_are_taken_straight_off_the_wire_and_the_rest_is_not(
+    server: TallyServer, open_client: OpenClient
+) -> None:
+    # The common frame skips websockets' parser and queue (connection.py, wire.py): if a
+    # websockets release moved what that relies on, adds would quietly take the slow path.
+    client = await open_client(server.url, {"client": "me", "name": "me"})
+    for n in range(20):
+        assert (await client.add(1, f"a{n}"))["seq"] == n + 1
+    await client.send({"type": "add", "delta": "x", "id": "bad"})
+    assert (await client.expect("error"))["code"] == "bad_delta"
+    assert (await client.add(1, "x"))["total"] == 21
+    assert server.handler.taken >= 19  # the first may come before the handler waits
+    (peer,) = server.hub.peers
+    assert isinstance(peer.ws, TallyConnection)
+    assert peer.ws.intake.split > 0
 
 
 async def test_ids_are_scoped_by_client_or_by_connection(

@@ -63,6 +63,7 @@ class Handler:
         self.opened = 0
         self.closed = 0
         self.refused = 0
+        self.taken = 0  # adds taken straight off the wire (take), the others via handle()
         # Per-update events are debug: decide once whether to build them at all.
         self._debug = logsetup.enabled_for(logging.DEBUG)
 
@@ -159,6 +160,7 @@ class Handler:
         except ProtocolError:
             return False
         _count(peer, message)
+        self.taken += 1
         self._add(peer, delta, req_id, message)
         return True
 
