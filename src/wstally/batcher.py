@@ -81,10 +81,14 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     def add(self, peer: Peer, submission: Submission) -> None:
-        self._pending.append((peer, submission))
-        self.flow.level("commit", len(self._pending))
-        self._idle.clear()
-        self._wakeup.set()
+        pending = self._pending
+        pending.append((peer, submission))
+        self.flow.level("commit", len(pending))
+        if len(pending) == 1:
+            # Only the first add since a round took the list: with more, the batcher was
+            # already woken, or a round runs and looks at the list again when it ends.
+            self._idle.clear()
+            self._wakeup.set()
 
     @property
     def backlog(self) -> int:

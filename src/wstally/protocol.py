@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any, NamedTuple
 
 from websockets.typing import Subprotocol
@@ -281,13 +282,18 @@ def encode_snapshot(epoch: str, seq: int, total: int, clients: int, **extra: Any
     return json.dumps(msg, separators=(",", ":"))
 
 
+# A JSON string, quoted and escaped: what json.dumps(str) returns (ASCII-only output), from
+# its C helper without dumps' Python layers (1 µs an add, acks and broadcast items alike).
+_quote: Callable[[str], str] = encode_basestring_ascii
+
+
 def encode_ack(req_id: str, seq: int, total: int, duplicate: bool = False) -> str:
     dup = ',"duplicate":true' if duplicate else ""
-    return f'{{"type":"ack","id":{json.dumps(req_id)},"seq":{seq},"total":{total}{dup}}}'
+    return f'{{"type":"ack","id":{_quote(req_id)},"seq":{seq},"total":{total}{dup}}}'
 
 
 def _encode_item(update: Update) -> str:
-    by = "null" if update.name is None else json.dumps(update.name)
+    by = "null" if update.name is None else _quote(update.name)
     return f'{{"seq":{update.seq},"delta":{update.delta},"total":{update.total},"by":{by}}}'
 
 
