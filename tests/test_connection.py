@@ -80,7 +80,9 @@ class Taker(Echo):
 
 
 @contextlib.asynccontextmanager
-async def echo_server(recorder: Echo | None = None) -> AsyncIterator[tuple[Echo, Server]]:
+async def echo_server(
+    recorder: Echo | None = None, frame_limit: int = 0
+) -> AsyncIterator[tuple[Echo, Server]]:
     recorder = recorder if recorder is not None else Echo()
     loop = asyncio.get_running_loop()
 
@@ -93,7 +95,7 @@ async def echo_server(recorder: Echo | None = None) -> AsyncIterator[tuple[Echo,
         "127.0.0.1",
         0,
         create_connection=connection_class(
-            0, None, recorder.take if isinstance(recorder, Taker) else None
+            frame_limit, None, recorder.take if isinstance(recorder, Taker) else None
         ),
         max_size=8192,  # as wstally's
     ) as server:
@@ -119,14 +121,16 @@ async def open_raw(server: Server) -> socket.socket:
 
 
 def on_uvloop(
-    scenario: Callable[[Echo, Server], Awaitable[None]], recorder: Echo | None = None
+    scenario: Callable[[Echo, Server], Awaitable[None]],
+    recorder: Echo | None = None,
+    frame_limit: int = 0,
 ) -> None:
     """Run ``scenario`` against a fresh server on a uvloop loop of its own: uvloop (wstally
     serve's default) calls back in another order than asyncio, and the defects these tests
     keep out showed only there."""
 
     async def main() -> None:
-        async with echo_server(recorder) as (got, server):
+        async with echo_server(recorder, frame_limit) as (got, server):
             await scenario(got, server)
 
     uvloop.run(main())
@@ -295,3 +299,43 @@ def test_what_the_split_does_not_take_websockets_still_judges(frame: bytes, code
         await asyncio.wait_for(recorder.closed.wait(), within(10))
 
     on_uvloop(scenario, Taker())
+
+
+def test_fragments_sent_with_the_handshake_are_followed_too() -> None:
+    # websockets parses a first fragment that came with the handshake before the split
+    # starts: a text frame inside that message must still close with 1002, not be taken.
+    async def scenario(recorder: Echo, server: Server) -> None:
+        assert isinstance(recorder, Taker)
+        port = server.sockets[0].getsockname()[1]
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(HANDSHAKE + client_frame(b"fr", 0x1, fin=False))
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += await asyncio.to_thread(sock.recv, 4096)
+        await asyncio.sleep(0.05)
+        sock.sendall(client_frame(b"d1"))
+        ((first, payload),) = await read_frames(sock, 1)
+        assert first == 0x88
+        assert struct.unpack("!H", payload[:2])[0] == 1002
+        assert recorder.taken == []
+        sock.close()
+        await asyncio.wait_for(recorder.closed.wait(), within(10))
+
+    on_uvloop(scenario, Taker())
+
+
+def test_a_declined_frame_counts_once_against_the_frame_budget() -> None:
+    async def scenario(recorder: Echo, server: Server) -> None:
+        sock = await open_raw(server)
+        for i in range(9):  # under a budget of 10 a second, one read each
+            sock.sendall(client_frame(b"q%d" % i))  # declined: websockets' queue counts it
+            ((first, payload),) = await read_frames(sock, 1)
+            assert (first, payload) == (0x81, b"q%d" % i)  # echoed, not closed
+        sock.sendall(client_frame(b"q9") + client_frame(b"q10"))  # the 11th: over
+        ((first, payload),) = await read_frames(sock, 1)  # before q9's echo
+        assert first == 0x88
+        assert struct.unpack("!H", payload[:2])[0] == 1008
+        sock.close()
+        await asyncio.wait_for(recorder.closed.wait(), within(10))
+
+    on_uvloop(scenario, Taker(), frame_limit=10)

@@ -241,6 +241,9 @@ class TallyConnection(ServerConnection):
             return False
         if protocol.reader.buffer or not at_frame_start(protocol.parser):
             return False  # midway through a frame: try again at the next read
+        # Fragments of a message may have come with the handshake: websockets holds them,
+        # and text frames must go to it until the last one (or it closes with 1002).
+        intake.fragmented = protocol.current_size is not None
         size = protocol.max_message_size
         intake.split = MAX_SPLIT if size is None else min(size, MAX_SPLIT)
         return True
@@ -306,13 +309,16 @@ class TallyConnection(ServerConnection):
             self.close_for_flood(f"too many frames: at most {limit} per second", limit, "frames")
             return True
         try:
-            return take(direct, text)
+            taken = take(direct, text)
         except Exception:
             # What websockets does when a handler raises: log it, close with 1011.
             self.logger.error("connection handler failed", exc_info=True)
             self.protocol.fail(CloseCode.INTERNAL_ERROR)
             self.send_data()
             return True
+        if not taken and limit:
+            intake.frames.count -= 1  # websockets counts it (process_event): once, not twice
+        return taken
 
     def _resume_reading(self) -> None:
         intake = self.intake
@@ -437,6 +443,8 @@ class TallyConnection(ServerConnection):
                 # writing without pause) wakes this timeout before the reads that came
                 # meanwhile: one turn of the loop lets them be counted first.
                 await asyncio.sleep(0)
+                if pong.done():
+                    return await pong
                 # Alive if we hold it (not reading) or it sent us something meanwhile: its
                 # pong is on its way, behind the data we read (or do not) first.
                 received, self.intake.received = self.intake.received, 0
