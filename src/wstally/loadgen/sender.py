@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from array import array
 from collections import deque
@@ -16,15 +17,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
-
 from wstally.client.pacing import Pacer
-from wstally.loadgen.histograms import micros
+from wstally.loadgen.histograms import LatencyCounts
 from wstally.loadgen.plan import Plan
 from wstally.loadgen.shared import SendRing
 from wstally.loadgen.wire import PRESENCE_PREFIX, UPDATES_PREFIX, FrameClient
 
 __all__ = ["RESENT_CODES", "Sender", "SenderStats"]
+
+# An ack exactly as wstally encodes it (protocol.encode_ack), ids being this generator's own
+# "<sender>-<n>"; anything else (another server's spacing or field order) goes to json.loads.
+ACK = re.compile(
+    rb'\{"type":"ack","id":"[^"\\]*-(\d+)","seq":(\d+),"total":(-?\d+)(,"duplicate":true)?\}\Z'
+)
 
 # Refusals after which an add is sent again, same id: nothing was applied (rate_limited), or
 # the outcome is unknown and the id makes a resend safe (unavailable: the shared engine,
@@ -76,7 +81,7 @@ class Sender:
     growing delay: its outcome may be unknown, and the id makes the resend count once.
     """
 
-    def __init__(self, name: str, plan: Plan, ring: SendRing, ack_hist: HdrHistogram) -> None:
+    def __init__(self, name: str, plan: Plan, ring: SendRing, ack_hist: LatencyCounts) -> None:
         self.name = name
         self.plan = plan
         self.ring = ring  # where the send times of sampled seqs go, for the fan-out
@@ -134,7 +139,8 @@ class Sender:
     def send_next(self, intended: float | None = None) -> None:
         n = self.next_n
         self.next_n += 1
-        self.deltas[n] = self.rng.randint(-1000, 1000)
+        # randint's Python layers were 3 % of the generator's core: the same range, cheaper.
+        self.deltas[n] = int(self.rng.random() * 2001) - 1000
         self.sent_at[n] = intended if intended is not None else time.monotonic()
         self.stats.sent += 1
         self._due.append(n)
@@ -168,29 +174,33 @@ class Sender:
     def on_text(self, p: bytes) -> None:
         if p.startswith(UPDATES_PREFIX) or p.startswith(PRESENCE_PREFIX):
             return
+        plain = ACK.match(p)
+        if plain is not None:
+            # wstally's own ack, field for field: json.loads was a quarter of the core.
+            self._ack(int(plain[1]), int(plain[2]), int(plain[3]), plain[4] is not None)
+            return
         msg = json.loads(p)
         kind = msg.get("type")
         if kind == "ack":
-            self._ack(msg)
+            n = int(msg["id"].rpartition("-")[2])
+            self._ack(n, msg["seq"], msg["total"], bool(msg.get("duplicate")))
         elif kind == "error":
             self._error(msg)
 
-    def _ack(self, ack: dict[str, Any]) -> None:
+    def _ack(self, n: int, seq: int, total: int, duplicate: bool) -> None:
         now = time.monotonic()
-        n = int(ack["id"].rpartition("-")[2])
         sent = self.sent_at.pop(n, None)
         if sent is None:
             return
         self.last_sent.pop(n, None)
         stats = self.stats
-        if ack.get("duplicate") and n not in self.resent:
+        if duplicate and n not in self.resent:
             stats.duplicates += 1
         stats.acked += 1
-        seq = ack["seq"]
         stats.seqs.append(seq)
-        stats.totals.append(ack["total"])
+        stats.totals.append(total)
         stats.delta_sum += self.deltas.pop(n)
-        self.ack_hist.record_value(micros(now - sent))
+        self.ack_hist.record(now - sent)
         self._backoff = RETRY_FIRST
         self.ring.record(seq, sent, self.url)
         self._after_answer()

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from wstally.fdlimit import raise_fd_limit
 from wstally.loadgen.connect import connect_all, greet_watcher, stall
-from wstally.loadgen.histograms import new_histogram
+from wstally.loadgen.histograms import LatencyCounts, new_histogram
 from wstally.loadgen.latency import FanoutLatency, fanout_latency
 from wstally.loadgen.plan import Plan
 from wstally.loadgen.results import NodeShare, WatcherTotals, WorkerFailure, WorkerResult
@@ -86,7 +86,7 @@ class Worker:
         # Fan-out latency samples, by the target of the watcher that received them.
         self.samples: list[Samples] = [(array("q"), array("d")) for _ in plan.targets]
         self.positions = Positions()
-        self.ack_hist = new_histogram()
+        self.ack_hist = LatencyCounts()
         self.connect_hist = new_histogram()
         self.watchers = self._new_watchers()
         self.senders = self._new_senders()
@@ -283,7 +283,7 @@ class Worker:
             stalled=len(self.stalled),
             watched=self._watched(final),
             connect_hist=self.connect_hist.encode(),
-            ack_hist=self.ack_hist.encode(),
+            ack_hist=self.ack_hist.histogram().encode(),
             fanout_hist=latency.every.encode(),
             fanout_same_hist=latency.same.encode(),
             fanout_cross_hist=latency.cross.encode(),
