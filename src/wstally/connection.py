@@ -1,4 +1,5 @@
-"""The server's WebSocket connection: websockets' own, plus a frame budget and a read hold.
+"""The server's WebSocket connection: websockets' own, plus a frame budget, a read hold,
+and reads split into frames so that adds skip websockets' parser and queue (wire.py).
 
 websockets answers pings and buffers frames before the handler ever sees them, so a budget
 kept in the handler would miss a ping flood entirely: it is counted here, per frame, as the
