@@ -194,6 +194,12 @@ async def read_frames(sock: socket.socket, count: int) -> list[tuple[int, bytes]
     return frames
 
 
+async def until_taken(recorder: Taker, count: int) -> None:
+    async with asyncio.timeout(within(10)):
+        while len(recorder.taken) < count:  # noqa: ASYNC110 - polled server state
+            await asyncio.sleep(0.01)
+
+
 def server_connection(server: Server) -> TallyConnection:
     (ws,) = server.connections
     assert isinstance(ws, TallyConnection)
@@ -215,9 +221,7 @@ def test_text_frames_go_to_the_taker_in_order_whatever_the_reads() -> None:
             await asyncio.sleep(0.01)
         (pong,) = await read_frames(sock, 1)
         assert pong == (0x8A, b"ping-1")
-        async with asyncio.timeout(within(10)):
-            while len(recorder.taken) < 201:  # noqa: ASYNC110 - polled server state
-                await asyncio.sleep(0.01)
+        await until_taken(recorder, 201)
         expected = [f"m{i:04d}" for i in range(200)]
         expected.insert(119, "x" * 300)
         assert recorder.taken == expected
@@ -239,9 +243,7 @@ def test_a_declined_message_keeps_its_place_and_those_after_it_follow() -> None:
         assert [p for _, p in echoed] == [b"q2", b"d3", b"d4"]
         assert recorder.taken == ["d1"]
         sock.sendall(client_frame(b"d5"))  # the handler waits again: the taker's
-        async with asyncio.timeout(within(10)):
-            while len(recorder.taken) < 2:  # noqa: ASYNC110 - polled server state
-                await asyncio.sleep(0.01)
+        await until_taken(recorder, 2)
         assert recorder.taken == ["d1", "d5"]
         assert recorder.got == ["q2", "d3", "d4"]
         sock.close()
@@ -287,9 +289,7 @@ def test_what_the_split_does_not_take_websockets_still_judges(frame: bytes, code
         assert isinstance(recorder, Taker)
         sock = await open_raw(server)
         sock.sendall(client_frame(b"d1"))
-        async with asyncio.timeout(within(10)):
-            while not recorder.taken:  # noqa: ASYNC110 - polled server state
-                await asyncio.sleep(0.01)
+        await until_taken(recorder, 1)
         sock.sendall(frame + client_frame(b"d2"))
         ((first, payload),) = await read_frames(sock, 1)
         assert first == 0x88
