@@ -36,14 +36,14 @@ class LatencyCounts:
         self.counts: dict[int, int] = {}
 
     def record(self, seconds: float) -> None:
-        us = int(seconds * 1e6) or 1
+        us = micros(seconds)
         counts = self.counts
         counts[us] = counts.get(us, 0) + 1
 
     def histogram(self) -> HdrHistogram:
         hist = new_histogram()
         for value, count in self.counts.items():
-            hist.record_value(max(1, value), count)
+            hist.record_value(value, count)
         return hist
 
 
