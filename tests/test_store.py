@@ -4,12 +4,14 @@ symlinks."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from wstally.store import MemoryStore, SQLiteStore, StoreError
+from wstally.store.sqlite import ROWS_PER_INSERT
 from wstally.tally import Update
 
 
@@ -37,6 +39,27 @@ def test_check_passes_while_the_path_names_the_open_file(tmp_path: Path) -> None
         store.check()
         store.commit(updates(4, 1, 6))
         assert [u.seq for u in store.history()] == [1, 2, 3, 4]
+    finally:
+        store.close()
+
+
+def test_a_batch_of_several_insert_statements_is_one_transaction(tmp_path: Path) -> None:
+    # A commit longer than ROWS_PER_INSERT is written in several statements: every row
+    # arrives, exactly as given, and a failure in a later statement keeps none of them.
+    many = 2 * ROWS_PER_INSERT + 5
+    store = SQLiteStore(tmp_path / "tally.db")
+    try:
+        first = updates(1, many)
+        first[7] = first[7]._replace(client=None, name="Zoë", req_id=None, at=1.5)
+        store.commit(first)
+        assert store.history() == first
+        second = updates(many + 1, many, first[-1].total)
+        second[-1] = second[-1]._replace(seq=many)  # already taken: the last statement fails
+        with pytest.raises(sqlite3.IntegrityError):
+            store.commit(second)
+        assert store.history() == first
+        store.commit(updates(many + 1, 3, first[-1].total))
+        assert [u.seq for u in store.history(since=many)] == [many + 1, many + 2, many + 3]
     finally:
         store.close()
 
