@@ -282,6 +282,35 @@ def test_repeated_id_never_applied_twice(
     assert tally.remembered == len(first_result)
 
 
+@given(
+    st.lists(st.tuples(int64s, conns, clients, st.sampled_from([None, "x"]), req_ids), max_size=60),
+    int64s,
+    st.integers(0, 60),
+)
+@FAST
+def test_a_batch_applied_at_once_is_the_same_adds_applied_one_by_one(
+    adds: list[tuple[int, str, str | None, str | None, str | None]], start: int, cut: int
+) -> None:
+    # The server applies whole batches (apply_all): repeated ids within the batch, refusals
+    # in its middle and every seq must come out as they would add by add.
+    batched, single = Tally("e", seq=7, total=start), Tally("e", seq=7, total=start)
+    rows = [
+        (delta, conn, float(n), client, name, rid)
+        for n, (delta, conn, client, name, rid) in enumerate(adds)
+    ]
+    results = batched.apply_all(rows[:cut]) + batched.apply_all(rows[cut:])
+    expected = [
+        single.apply(delta, conn=conn, at=at, client=client, name=name, req_id=rid)
+        for delta, conn, at, client, name, rid in rows
+    ]
+    assert results == expected
+    assert (batched.seq, batched.total, batched.remembered) == (
+        single.seq,
+        single.total,
+        single.remembered,
+    )
+
+
 # -- remember / lookup --------------------------------------------------------------------------
 
 

@@ -34,6 +34,8 @@ __all__ = ["HELLO_WINDOW", "REFUSALS_LOGGED", "Handler", "Host", "resynced"]
 
 log = logsetup.get_logger("wstally.server")
 
+_new = tuple.__new__
+
 # A client sending garbage in a loop must not flood the log: the first refusals of each
 # connection are logged at info, later ones at debug (conn.closed counts them all).
 REFUSALS_LOGGED = 20
@@ -239,9 +241,9 @@ class Handler:
                 peer, "shutting_down", "the server is shutting down; not applied", req_id, raw
             )
             return
-        self.server.batcher.add(
-            peer, Submission(delta, peer.id, time.time(), peer.client, peer.name, req_id)
-        )
+        # tuple.__new__ directly: a named tuple's own __new__ is a Python function (0.3 µs).
+        submission = _new(Submission, (delta, peer.id, time.time(), peer.client, peer.name, req_id))
+        self.server.batcher.add(peer, submission)
 
     def _invalid(self, peer: Peer) -> None:
         """Count a malformed frame; a connection sending them in a loop is closed (1008)."""

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from websockets.typing import Subprotocol
 
-from wstally.tally import Update, in_int64
+from wstally.tally import INT64_MAX, INT64_MIN, Update, in_int64
 from wstally.text import escape_text  # re-exported: the protocol's callers quote peers too
 
 __all__ = [
@@ -171,6 +171,7 @@ def _loads(text: str) -> Any:
 # The add frame as our clients, the page and the load test write it (compact, or with
 # json.dumps' default spaces), with an id that needs no escape: matched without the JSON
 # decoder, at a third of its cost. Anything else, or a delta past int64, takes the full path.
+_new = tuple.__new__
 _PLAIN_ADD = re.compile(
     r'\{"type": ?"add", ?"delta": ?(-?(?:0|[1-9][0-9]{0,18})), ?"id": ?"([ !#-\[\]-~]{1,'
     + str(MAX_ID)
@@ -183,8 +184,9 @@ def parse_json(text: str) -> Hello | Add:
     match = _PLAIN_ADD(text)
     if match is not None:
         delta = int(match[1])
-        if in_int64(delta):
-            return Add(delta, match[2])
+        if INT64_MIN <= delta <= INT64_MAX:
+            # tuple.__new__ directly: a named tuple's own __new__ is a Python function.
+            return _new(Add, (delta, match[2]))
     return _parse_decoded(text)
 
 

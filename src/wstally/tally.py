@@ -7,6 +7,7 @@ module can be tested exhaustively without sockets, clocks or a database.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -14,6 +15,7 @@ __all__ = [
     "DEDUP_WINDOW",
     "INT64_MAX",
     "INT64_MIN",
+    "Add",
     "Duplicate",
     "Refused",
     "Tally",
@@ -30,6 +32,13 @@ DEDUP_WINDOW = 100_000
 
 def in_int64(value: int) -> bool:
     return INT64_MIN <= value <= INT64_MAX
+
+
+# What apply_all() takes per add: (delta, conn, at, client, name, req_id), the order of
+# engine.Submission's fields, so that a batch of submissions is applied as it is.
+Add = tuple[int, str, float, "str | None", "str | None", "str | None"]
+
+_new = tuple.__new__
 
 
 class Update(NamedTuple):
@@ -118,26 +127,47 @@ class Tally:
         a total outside int64 is ``Refused`` and changes nothing. The update is not durable
         yet: ``commit`` marks it so, ``rollback`` forgets it.
         """
-        key = None
-        if req_id is not None:
-            key = (dedup_scope(client, conn), req_id)
-            seen = self._ids.get(key)
-            if seen is not None:
-                return Duplicate(req_id, seen[0], seen[1])
-        if not in_int64(delta):
-            return Refused("bad_delta", "delta must be in the signed 64-bit range")
-        total = self.total + delta
-        if not in_int64(total):
-            return Refused(
-                "overflow",
-                f"adding {delta} would take the total out of the signed 64-bit range; "
-                "total unchanged",
-            )
-        self.seq += 1
-        self.total = total
-        if key is not None:
-            self._ids[key] = (self.seq, total)
-        return Update(self.seq, delta, total, at, conn, client, name, req_id)
+        return self.apply_all(((delta, conn, at, client, name, req_id),))[0]
+
+    def apply_all(self, adds: Iterable[Add]) -> list[Update | Duplicate | Refused]:
+        """``apply`` each ``(delta, conn, at, client, name, req_id)`` in turn, in one call.
+
+        A batch at a time because the server applies thousands of adds a second: a call per
+        add, with its keywords, cost a fifth of the tally's time.
+        """
+        results: list[Update | Duplicate | Refused] = []
+        append = results.append
+        ids = self._ids
+        seq, total = self.seq, self.total
+        for delta, conn, at, client, name, req_id in adds:
+            key = None
+            if req_id is not None:
+                key = (dedup_scope(client, conn), req_id)
+                seen = ids.get(key)
+                if seen is not None:
+                    append(Duplicate(req_id, seen[0], seen[1]))
+                    continue
+            if not INT64_MIN <= delta <= INT64_MAX:
+                append(Refused("bad_delta", "delta must be in the signed 64-bit range"))
+                continue
+            after = total + delta
+            if not INT64_MIN <= after <= INT64_MAX:
+                append(
+                    Refused(
+                        "overflow",
+                        f"adding {delta} would take the total out of the signed 64-bit range; "
+                        "total unchanged",
+                    )
+                )
+                continue
+            seq += 1
+            total = after
+            if key is not None:
+                ids[key] = (seq, total)
+            # tuple.__new__ directly: a named tuple's own __new__ is a Python function.
+            append(_new(Update, (seq, delta, total, at, conn, client, name, req_id)))
+        self.seq, self.total = seq, total
+        return results
 
     def commit(self, seq: int, total: int) -> None:
         """Mark everything up to ``seq`` durable, and forget ids older than the window."""
@@ -145,11 +175,15 @@ class Tally:
         self.committed_total = total
         horizon = seq - self.window
         ids = self._ids
-        while ids:
-            oldest = next(iter(ids.values()))
-            if oldest[0] > horizon:
+        # Counted in one pass, then dropped: not a new iterator per id forgotten.
+        stale = 0
+        for remembered, _total in ids.values():
+            if remembered > horizon:
                 break
-            ids.popitem(last=False)
+            stale += 1
+        popitem = ids.popitem
+        for _ in range(stale):
+            popitem(last=False)
 
     def rollback(self) -> int:
         """Forget every uncommitted update; returns how many were dropped."""

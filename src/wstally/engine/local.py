@@ -109,11 +109,7 @@ class LocalEngine:
 
     async def submit(self, batch: Sequence[Submission]) -> list[Result]:
         tally = self.tally
-        apply = tally.apply
-        results: list[Result] = [
-            apply(s.delta, conn=s.conn, at=s.at, client=s.client, name=s.name, req_id=s.req_id)
-            for s in batch
-        ]
+        results: list[Result] = tally.apply_all(batch)
         updates = [r for r in results if type(r) is Update]
         if not updates:
             return results
