@@ -64,6 +64,18 @@ _COLUMNS = ", ".join(Update._fields)
 ROWS_PER_INSERT = 64
 
 
+def _null(value: None) -> None:
+    return None
+
+
+# sqlite3 (CPython 3.11) looks up an adapter for every parameter that is not an int, float,
+# str or bytearray, None included, and its lookup fails by raising, formatting and dropping
+# an AttributeError: 0.3 µs per None here, and a row has one or two (client, name). With an
+# adapter registered for None, the lookup finds it at once, 0.6 µs a row less with two.
+# Process-wide, and harmless: None is bound as NULL either way.
+sqlite3.register_adapter(type(None), _null)
+
+
 @functools.lru_cache(maxsize=ROWS_PER_INSERT)
 def _insert(rows: int) -> str:
     values = ", ".join(["(" + ", ".join("?" * len(Update._fields)) + ")"] * rows)
