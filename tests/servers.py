@@ -42,16 +42,22 @@ class ServeProcess:
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.raw.append(line)
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            self.events.append(event)
-            if event.get("event") == "server.started":
-                self._started.set()
+        try:
+            for line in self.proc.stderr:
+                self._take(line)
+        except ValueError:
+            pass  # close() closed the pipe: a teardown that did not wait for the last lines
         self._started.set()
+
+    def _take(self, line: str) -> None:
+        self.raw.append(line)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return
+        self.events.append(event)
+        if event.get("event") == "server.started":
+            self._started.set()
 
     @property
     def port(self) -> int:
@@ -89,6 +95,9 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        # The reader may still be taking the last lines (a flood logs many): let it reach
+        # the end of the pipe before closing it under it.
+        self._reader.join(timeout=within(5))
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
