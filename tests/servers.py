@@ -46,7 +46,10 @@ class ServeProcess:
             for line in self.proc.stderr:
                 self._take(line)
         except ValueError:
-            pass  # close() closed the pipe: a teardown that did not wait for the last lines
+            # close() closed the pipe: a teardown that did not wait for the last lines.
+            # Anything else (a line that is not UTF-8, say) is the test's to see.
+            if not self.proc.stderr.closed:
+                raise
         self._started.set()
 
     def _take(self, line: str) -> None:

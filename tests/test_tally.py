@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -309,6 +310,19 @@ def test_a_batch_applied_at_once_is_the_same_adds_applied_one_by_one(
         single.total,
         single.remembered,
     )
+
+
+def test_an_add_that_raises_mid_batch_leaves_ids_and_seq_in_step() -> None:
+    # Nothing the server hands over raises (deltas are checked first), but if one did, the
+    # adds before it must stay consistent, so that the engine's rollback forgets them all.
+    tally = Tally("e")
+    adds: list[Any] = [(5, "c1", 0.0, None, None, "a"), ("x", "c1", 0.0, None, None, "b")]
+    with pytest.raises(TypeError):
+        tally.apply_all(adds)
+    assert (tally.seq, tally.total, tally.lookup("conn:c1", "a")) == (1, 5, (1, 5))
+    assert tally.rollback() == 1
+    assert tally.lookup("conn:c1", "a") is None
+    assert tally.apply(2, conn="c1", at=0.0, req_id="a") == Update(1, 2, 2, 0.0, "c1", req_id="a")
 
 
 # -- remember / lookup --------------------------------------------------------------------------

@@ -139,34 +139,37 @@ class Tally:
         append = results.append
         ids = self._ids
         seq, total = self.seq, self.total
-        for delta, conn, at, client, name, req_id in adds:
-            key = None
-            if req_id is not None:
-                key = (dedup_scope(client, conn), req_id)
-                seen = ids.get(key)
-                if seen is not None:
-                    append(Duplicate(req_id, seen[0], seen[1]))
+        try:
+            for delta, conn, at, client, name, req_id in adds:
+                key = None
+                if req_id is not None:
+                    key = (dedup_scope(client, conn), req_id)
+                    seen = ids.get(key)
+                    if seen is not None:
+                        append(Duplicate(req_id, seen[0], seen[1]))
+                        continue
+                if not INT64_MIN <= delta <= INT64_MAX:
+                    append(Refused("bad_delta", "delta must be in the signed 64-bit range"))
                     continue
-            if not INT64_MIN <= delta <= INT64_MAX:
-                append(Refused("bad_delta", "delta must be in the signed 64-bit range"))
-                continue
-            after = total + delta
-            if not INT64_MIN <= after <= INT64_MAX:
-                append(
-                    Refused(
-                        "overflow",
-                        f"adding {delta} would take the total out of the signed 64-bit range; "
-                        "total unchanged",
+                after = total + delta
+                if not INT64_MIN <= after <= INT64_MAX:
+                    append(
+                        Refused(
+                            "overflow",
+                            f"adding {delta} would take the total out of the signed 64-bit range; "
+                            "total unchanged",
+                        )
                     )
-                )
-                continue
-            seq += 1
-            total = after
-            if key is not None:
-                ids[key] = (seq, total)
-            # tuple.__new__ directly: a named tuple's own __new__ is a Python function.
-            append(_new(Update, (seq, delta, total, at, conn, client, name, req_id)))
-        self.seq, self.total = seq, total
+                    continue
+                seq += 1
+                total = after
+                if key is not None:
+                    ids[key] = (seq, total)
+                # tuple.__new__ directly: a named tuple's own __new__ is a Python function.
+                append(_new(Update, (seq, delta, total, at, conn, client, name, req_id)))
+        finally:
+            # Even if an add raised half-way: the ids remembered so far name these seqs.
+            self.seq, self.total = seq, total
         return results
 
     def commit(self, seq: int, total: int) -> None:

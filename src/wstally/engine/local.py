@@ -109,7 +109,11 @@ class LocalEngine:
 
     async def submit(self, batch: Sequence[Submission]) -> list[Result]:
         tally = self.tally
-        results: list[Result] = tally.apply_all(batch)
+        try:
+            results: list[Result] = tally.apply_all(batch)
+        except BaseException:
+            tally.rollback()  # the adds applied before the one that raised: none is stored
+            raise
         updates = [r for r in results if type(r) is Update]
         if not updates:
             return results

@@ -60,7 +60,7 @@ _COLUMNS = ", ".join(Update._fields)
 # Rows per INSERT statement in a commit. One statement of many rows binds them in one call
 # and steps once; executemany() resets, binds and steps row by row, which cost 4.2-4.3 µs a
 # row here against 3.0-3.5 (docs/benchmarks.md), a fifth of the server's CPU per durable add
-# being the write. 64 rows are 512 parameters, far below SQLite's limit of 32,766.
+# being the write. 64 rows are 512 parameters, below SQLite's limit (999 before 3.32).
 ROWS_PER_INSERT = 64
 
 
