@@ -171,12 +171,14 @@ def _loads(text: str) -> Any:
 # The add frame as our clients, the page and the load test write it (compact, or with
 # json.dumps' default spaces), with an id that needs no escape: matched without the JSON
 # decoder, at a third of its cost. Anything else, or a delta past int64, takes the full path.
-_new = tuple.__new__
 _PLAIN_ADD = re.compile(
     r'\{"type": ?"add", ?"delta": ?(-?(?:0|[1-9][0-9]{0,18})), ?"id": ?"([ !#-\[\]-~]{1,'
     + str(MAX_ID)
     + r'})"\}'
 ).fullmatch
+
+
+_new = tuple.__new__
 
 
 def parse_json(text: str) -> Hello | Add:
