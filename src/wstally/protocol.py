@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from websockets.typing import Subprotocol
 
-from wstally.tally import INT64_MAX, INT64_MIN, Update, in_int64
+from wstally.tally import Update, in_int64
 from wstally.text import escape_text  # re-exported: the protocol's callers quote peers too
 
 __all__ = [
@@ -186,7 +186,7 @@ def parse_json(text: str) -> Hello | Add:
     match = _PLAIN_ADD(text)
     if match is not None:
         delta = int(match[1])
-        if INT64_MIN <= delta <= INT64_MAX:
+        if in_int64(delta):
             # tuple.__new__ directly: a named tuple's own __new__ is a Python function.
             return _new(Add, (delta, match[2]))
     return _parse_decoded(text)
