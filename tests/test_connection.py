@@ -65,13 +65,17 @@ class Taker(Echo):
     def __init__(self) -> None:
         super().__init__()
         self.taken: list[str] = []  # by the taker; got: by the handler's loop
+        self.calls: list[int] = []  # how many texts each call of the taker was given
 
-    def take(self, direct: object, text: str) -> bool:
+    def take(self, direct: object, texts: list[str]) -> int:
         assert direct is self
-        if text.startswith("q"):
-            return False
-        self.taken.append(text)
-        return True
+        assert texts, "called with no text"
+        self.calls.append(len(texts))
+        for i, text in enumerate(texts):
+            if text.startswith("q"):
+                return i
+            self.taken.append(text)
+        return len(texts)
 
     async def handler(self, ws: ServerConnection) -> None:
         assert isinstance(ws, TallyConnection)
@@ -339,3 +343,39 @@ def test_a_declined_frame_counts_once_against_the_frame_budget() -> None:
         await asyncio.wait_for(recorder.closed.wait(), within(10))
 
     on_uvloop(scenario, Taker(), frame_limit=10)
+
+
+def test_a_run_of_adds_over_the_frame_budget_is_cut_where_it_crosses_it() -> None:
+    async def scenario(recorder: Echo, server: Server) -> None:
+        assert isinstance(recorder, Taker)
+        sock = await open_raw(server)
+        sock.sendall(b"".join(client_frame(b"d%d" % i) for i in range(14)))  # one read
+        ((first, payload),) = await read_frames(sock, 1)
+        assert first == 0x88
+        assert struct.unpack("!H", payload[:2])[0] == 1008
+        assert recorder.taken == [f"d{i}" for i in range(10)]  # within the budget, in order
+        assert recorder.got == []
+        sock.close()
+        await asyncio.wait_for(recorder.closed.wait(), within(10))
+
+    on_uvloop(scenario, Taker(), frame_limit=10)
+
+
+def test_the_taker_gets_each_run_of_text_frames_in_one_call() -> None:
+    async def scenario(recorder: Echo, server: Server) -> None:
+        assert isinstance(recorder, Taker)
+        sock = await open_raw(server)
+        sock.sendall(client_frame(b"d0"))
+        await until_taken(recorder, 1)  # the connection is split from now on
+        runs = [b"".join(client_frame(b"d%d" % i) for i in range(k, k + 5)) for k in (1, 6)]
+        sock.sendall(runs[0] + client_frame(b"ping", 0x9) + runs[1])
+        assert await read_frames(sock, 1) == [(0x8A, b"ping")]
+        await until_taken(recorder, 11)
+        assert recorder.taken == [f"d{i}" for i in range(11)]
+        # A ping between two runs: each run is one call (when one read brings it whole).
+        assert set(recorder.calls[1:]) <= {1, 2, 3, 4, 5}
+        assert sum(recorder.calls) == 11
+        sock.close()
+        await asyncio.wait_for(recorder.closed.wait(), within(10))
+
+    on_uvloop(scenario, Taker())

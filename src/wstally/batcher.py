@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from wstally import logsetup, protocol
@@ -80,11 +80,13 @@ class Batcher:
         self.seq, self.total = seq, total
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
-    def add(self, peer: Peer, submission: Submission) -> None:
+    def add_all(self, submissions: Iterable[tuple[Peer, Submission]]) -> None:
+        """Queue adds for the next commit, in order (a connection's read at a time)."""
         pending = self._pending
-        pending.append((peer, submission))
+        waiting = len(pending)
+        pending.extend(submissions)
         self.flow.level("commit", len(pending))
-        if len(pending) == 1:
+        if not waiting:
             # Only the first add since a round took the list: with more, the batcher was
             # already woken, or a round runs and looks at the list again when it ends.
             self._idle.clear()

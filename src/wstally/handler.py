@@ -139,32 +139,56 @@ class Handler:
                 clients=self.server.hub.clients,
             )
 
-    def take(self, peer: Peer, message: str) -> bool:
-        """An add read straight off the wire (connection.py), when the loop in handle()
-        would apply it at once: True if applied; False, and handle() gets it as usual.
+    def take(self, peer: Peer, texts: list[str]) -> int:
+        """Adds read straight off the wire (connection.py), when the loop in handle() would
+        apply them at once: how many of ``texts``, from the first, it took. handle() gets
+        the rest as usual, from the first that is not an add.
 
-        Only adds: anything that logs with the connection's context (a hello, a refusal)
-        must run in the connection's task, where that context is bound.
+        Only adds: anything that logs with the connection's context (a hello, a refusal of
+        a malformed frame) must run in the connection's task, where that context is bound.
+        A run of frames at a time, for one read's adds arrived together: one clock read,
+        one hand-over to the batcher.
         """
         server = self.server
         if server.draining or peer.lagging or server.flow.blocked or peer.phase is Phase.WAITING:
-            return False
-        req_id = None
+            return 0
+        adds: list[tuple[int, str | None, str]] = []
         try:
             if peer.mode is Mode.PLAIN:
-                delta = protocol.parse_plain(message)
+                parse_plain = protocol.parse_plain
+                for text in texts:
+                    adds.append((parse_plain(text), None, text))
             else:
-                msg = protocol.parse_json(message)
-                if type(msg) is not Add:
-                    return False
-                delta, req_id = msg.delta, msg.req_id
-                peer.greeted = True
+                parse_json = protocol.parse_json
+                for text in texts:
+                    msg = parse_json(text)
+                    if type(msg) is not Add:
+                        break
+                    adds.append((msg.delta, msg.req_id, text))
         except ProtocolError:
-            return False
-        _count(peer, message)
-        self.taken += 1
-        self._add(peer, delta, req_id, message)
-        return True
+            pass  # that frame and the rest: handle() refuses it, with the connection's context
+        if not adds:
+            return 0
+        if peer.mode is Mode.JSON:
+            peer.greeted = True
+        self.taken += len(adds)
+        now = time.time()
+        rate = server.config.rate_limit
+        bucket = self._bucket(peer, rate) if rate else None
+        tick = time.monotonic()
+        submissions: list[tuple[Peer, Submission]] = []
+        append = submissions.append
+        ident, client, name = peer.id, peer.client, peer.name
+        for delta, req_id, text in adds:
+            _count(peer, text)
+            if bucket is not None and not bucket.take(rate, tick):
+                self._rate_limited(peer, rate, req_id, text)
+                continue
+            # tuple.__new__ directly: a named tuple's own __new__ is a Python function.
+            append((peer, _new(Submission, (delta, ident, now, client, name, req_id))))
+        if submissions:
+            server.batcher.add_all(submissions)
+        return len(adds)
 
     def _on_message(self, peer: Peer, message: str | bytes) -> None:
         _count(peer, message)
@@ -222,20 +246,8 @@ class Handler:
 
     def _add(self, peer: Peer, delta: int, req_id: str | None, raw: str) -> None:
         rate = self.server.config.rate_limit
-        if rate:
-            now = time.monotonic()
-            bucket = peer.adds
-            if bucket is None:
-                bucket = peer.adds = TokenBucket(rate, now)
-            if not bucket.take(rate, now):
-                self.refuse(
-                    peer,
-                    "rate_limited",
-                    f"too many adds: at most {rate:g} per second per connection; not applied",
-                    req_id,
-                    raw,
-                )
-                return
+        if rate and not self._allowed(peer, rate, req_id, raw):
+            return
         if self.server.draining:
             self.refuse(
                 peer, "shutting_down", "the server is shutting down; not applied", req_id, raw
@@ -243,7 +255,30 @@ class Handler:
             return
         # tuple.__new__ directly: a named tuple's own __new__ is a Python function (0.3 µs).
         submission = _new(Submission, (delta, peer.id, time.time(), peer.client, peer.name, req_id))
-        self.server.batcher.add(peer, submission)
+        self.server.batcher.add_all(((peer, submission),))
+
+    def _allowed(self, peer: Peer, rate: float, req_id: str | None, raw: str) -> bool:
+        """Spend one of ``peer``'s adds per second, or refuse this one (rate_limited)."""
+        if self._bucket(peer, rate).take(rate, time.monotonic()):
+            return True
+        self._rate_limited(peer, rate, req_id, raw)
+        return False
+
+    @staticmethod
+    def _bucket(peer: Peer, rate: float) -> TokenBucket:
+        bucket = peer.adds
+        if bucket is None:
+            bucket = peer.adds = TokenBucket(rate, time.monotonic())
+        return bucket
+
+    def _rate_limited(self, peer: Peer, rate: float, req_id: str | None, raw: str) -> None:
+        self.refuse(
+            peer,
+            "rate_limited",
+            f"too many adds: at most {rate:g} per second per connection; not applied",
+            req_id,
+            raw,
+        )
 
     def _invalid(self, peer: Peer) -> None:
         """Count a malformed frame; a connection sending them in a loop is closed (1008)."""
