@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from helpers import OpenClient, ServerFactory, http_get, within
-from wstally.metrics import Histogram
+from wstally.metrics import ACK_BUCKETS, Histogram
 
 TOKEN = "metrics-token"
 
@@ -99,6 +99,18 @@ def test_histogram_buckets_are_cumulative() -> None:
         histogram.observe(value)
     assert histogram.buckets() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]
     assert histogram.total == pytest.approx(3.65)
+
+
+def test_histogram_observes_a_batch_as_one_by_one() -> None:
+    values = [0.0, 0.0004, 0.0005, 0.0006, 0.01, 0.02, 7.0, 0.3]
+    one, batch = Histogram(ACK_BUCKETS), Histogram(ACK_BUCKETS)
+    for value in values:
+        one.observe(value)
+    batch.observe_all(values[:3])
+    batch.observe_all(values[3:])
+    batch.observe_all([])
+    assert batch.buckets() == one.buckets()
+    assert batch.total == pytest.approx(one.total)
 
 
 async def test_no_metrics_serves_none_and_times_nothing(

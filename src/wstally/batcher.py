@@ -133,17 +133,17 @@ class Batcher:
         self, batch: list[tuple[Peer, Submission]], results: list[Result], seconds: float
     ) -> None:
         send = self.hub.send
+        encode_ack = protocol.encode_ack
+        debug = self._debug
         # One clock read per batch; the arrival time of each add came with it.
         now = time.time()
-        observe = self.tallies.ack_seconds.observe
-        timed = self.tallies.enabled
+        waited: list[float] = []  # the acks' latencies, observed in one call
+        observe = waited.append if self.tallies.enabled else None
         applied = 0
         first: Update | None = None
         last: Update | None = None
         for (peer, submission), result in zip(batch, results, strict=True):
-            kind = type(result)
-            if kind is Update:
-                assert isinstance(result, Update)
+            if type(result) is Update:
                 applied += 1
                 peer.applied += 1
                 peer.delta_sum += result.delta
@@ -151,10 +151,10 @@ class Batcher:
                     first = result
                 last = result
                 if result.req_id is not None:
-                    send(peer, protocol.encode_ack(result.req_id, result.seq, result.total))
-                    if timed:
+                    send(peer, encode_ack(result.req_id, result.seq, result.total))
+                    if observe is not None:
                         observe(now - submission.at)
-                if self._debug:
+                if debug:
                     log.debug(
                         "update.applied",
                         **peer.context(),
@@ -163,14 +163,13 @@ class Batcher:
                         total=result.total,
                         id=result.req_id,
                     )
-            elif kind is Duplicate:
-                assert isinstance(result, Duplicate)
+            elif type(result) is Duplicate:
                 peer.duplicates += 1
                 self.duplicates += 1
-                send(peer, protocol.encode_ack(result.req_id, result.seq, result.total, True))
-                if timed:
+                send(peer, encode_ack(result.req_id, result.seq, result.total, True))
+                if observe is not None:
                     observe(now - submission.at)
-                if self._debug:
+                if debug:
                     context = peer.context()
                     log.debug("update.duplicate", **context, id=result.req_id, seq=result.seq)
             else:
@@ -178,6 +177,8 @@ class Batcher:
                 self.refuse(
                     peer, result.code, result.message, submission.req_id, str(submission.delta)
                 )
+        if waited:
+            self.tallies.ack_seconds.observe_all(waited)
         if last is not None and last.seq > self.seq:
             self.seq, self.total = last.seq, last.total
         self.hub.flush_queued()

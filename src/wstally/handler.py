@@ -152,43 +152,40 @@ class Handler:
         server = self.server
         if server.draining or peer.lagging or server.flow.blocked or peer.phase is Phase.WAITING:
             return 0
-        adds: list[tuple[int, str | None, str]] = []
-        try:
-            if peer.mode is Mode.PLAIN:
-                parse_plain = protocol.parse_plain
-                for text in texts:
-                    adds.append((parse_plain(text), None, text))
-            else:
-                parse_json = protocol.parse_json
-                for text in texts:
-                    msg = parse_json(text)
-                    if type(msg) is not Add:
-                        break
-                    adds.append((msg.delta, msg.req_id, text))
-        except ProtocolError:
-            pass  # that frame and the rest: handle() refuses it, with the connection's context
-        if not adds:
-            return 0
-        if peer.mode is Mode.JSON:
-            peer.greeted = True
-        self.taken += len(adds)
+        parse = protocol.parse_json if peer.mode is Mode.JSON else _plain_add
         now = time.time()
         rate = server.config.rate_limit
         bucket = self._bucket(peer, rate) if rate else None
         tick = time.monotonic()
+        ident, client, name = peer.id, peer.client, peer.name
         submissions: list[tuple[Peer, Submission]] = []
         append = submissions.append
-        ident, client, name = peer.id, peer.client, peer.name
-        for delta, req_id, text in adds:
-            _count(peer, text)
+        taken = size = 0
+        for text in texts:
+            try:
+                msg = parse(text)
+            except ProtocolError:
+                break  # that frame and the rest: handle() refuses it, in the connection's context
+            if type(msg) is not Add:
+                break
+            taken += 1
+            # isascii() is O(1) on CPython: the exact size of a frame without encoding it.
+            size += len(text) if text.isascii() else len(text.encode())
+            delta, req_id = msg
             if bucket is not None and not bucket.take(rate, tick):
                 self._rate_limited(peer, rate, req_id, text)
                 continue
             # tuple.__new__ directly: a named tuple's own __new__ is a Python function.
             append((peer, _new(Submission, (delta, ident, now, client, name, req_id))))
+        if not taken:
+            return 0
+        peer.messages_in += taken
+        peer.bytes_in += size
+        peer.greeted = True  # no hello after an add
+        self.taken += taken
         if submissions:
             server.batcher.add_all(submissions)
-        return len(adds)
+        return taken
 
     def _on_message(self, peer: Peer, message: str | bytes) -> None:
         _count(peer, message)
@@ -316,6 +313,11 @@ class Handler:
             self.server.hub.send(peer, protocol.encode_error(code, message, req_id))
         else:
             self.server.hub.send(peer, protocol.encode_plain_error(message))
+
+
+def _plain_add(text: str) -> Add:
+    """A plain-mode frame as the add it is, or ProtocolError."""
+    return _new(Add, (protocol.parse_plain(text), None))
 
 
 def _count(peer: Peer, message: str | bytes) -> None:

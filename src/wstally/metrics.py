@@ -56,6 +56,14 @@ class Histogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def observe_all(self, values: Sequence[float]) -> None:
+        """``observe`` each of ``values`` (the acks of a commit: a call per add was 2 % of
+        the server's CPU at 60,000 adds/s)."""
+        counts, bounds, at = self.counts, self.bounds, bisect.bisect_left
+        for value in values:
+            counts[at(bounds, value)] += 1
+        self.total += sum(values)
+
     def buckets(self) -> list[tuple[str, float]]:
         cumulative = 0
         out: list[tuple[str, float]] = []
