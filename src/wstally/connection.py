@@ -269,6 +269,9 @@ class TallyConnection(ServerConnection):
         budget = self.frame_limit
         frames = intake.frames
         clock = self.loop.time
+        # Whether the handler takes frames now; only websockets and the handler change
+        # that, so it is asked again after each of them had a turn.
+        taking = self._taking()
         end = n
         while pos < n:
             end = wire.frame_end(data, pos, limit)
@@ -276,14 +279,18 @@ class TallyConnection(ServerConnection):
                 break
             first = data[pos]
             if first == wire.TEXT and not queued and not intake.fragmented:
-                text = wire.text_payload(data, pos, end)
-                if text is not None:  # else invalid UTF-8: websockets closes with 1007
-                    if run < pos and not texts:
-                        # Pings, pongs before it: websockets answers them first.
-                        super().data_received(data[run:pos])
-                        run = pos
-                        if intake.flooded:
-                            return
+                if run < pos and not texts:
+                    # Pings, pongs before it: websockets answers them first.
+                    super().data_received(data[run:pos])
+                    run = pos
+                    if intake.flooded:
+                        return
+                    taking = self._taking()
+                # Not taken: invalid UTF-8 (websockets closes with 1007), or no taker now.
+                text = wire.text_payload(data, pos, end) if taking else None
+                if text is not None:
+                    # Counted here, on an open connection; if the handler declines it,
+                    # _take uncounts it for websockets to count.
                     if budget and frames.over(budget, clock):
                         # The frames within the budget are answered; from this one on,
                         # what it sent is dropped unparsed, as in data_received.
@@ -308,6 +315,7 @@ class TallyConnection(ServerConnection):
                 texts, ends = [], []
                 if intake.flooded:
                     return
+                taking = self._taking()
             pos = end
         if texts:
             run, _ = self._take(texts, ends, run)
@@ -322,30 +330,30 @@ class TallyConnection(ServerConnection):
         if pos < n:
             intake.partial = data[pos:]
 
+    def _taking(self) -> bool:
+        """Whether the handler takes messages straight off the wire now: it waits for one,
+        with none in hand or queued, on an open connection."""
+        if self.intake.direct is None or self.take is None or self.protocol.state is not OPEN:
+            return False
+        waiter = self.recv_messages.frames.get_waiter
+        return waiter is not None and not waiter.done()
+
     def _take(self, texts: list[str], ends: list[int], run: int) -> tuple[int, bool]:
-        """Give a run of text frames' messages, starting at ``run`` and ending at ``ends``,
-        to the handler, if it waits for one with nothing queued: the first of them it takes
-        (adds it applies at once), it returns how many. Returns where the frames not taken
-        start, and whether any was left to websockets (then the frames after it go there
-        too, in order)."""
+        """Hand a run of text frames' messages to the handler, which takes them from the
+        first on (adds it applies at once) and says how many. The run starts at ``run``, and
+        its frames end at ``ends``. Returns where the frames not taken start, and whether
+        any was left to websockets (the frames after it then go there too, in order)."""
         if not texts:
             return run, False
         taken = 0
-        direct = self.intake.direct
         take = self.take
-        waiter = self.recv_messages.frames.get_waiter
-        # Else: the handler has an earlier message in hand or queued, or is not reading.
-        if (
-            direct is not None
-            and take is not None
-            and self.protocol.state is OPEN
-            and waiter is not None
-            and not waiter.done()
-        ):
+        if take is not None and self._taking():
             try:
-                taken = take(direct, texts)
+                taken = take(self.intake.direct, texts)
             except Exception:
                 # What websockets does when a handler raises: log it, close with 1011.
+                # What follows in the run is discarded, as websockets discards a failed
+                # connection's frames.
                 self.logger.error("connection handler failed", exc_info=True)
                 self.protocol.fail(CloseCode.INTERNAL_ERROR)
                 self.send_data()

@@ -155,36 +155,42 @@ class Handler:
         parse = protocol.parse_json if peer.mode is Mode.JSON else _plain_add
         now = time.time()
         rate = server.config.rate_limit
-        bucket = self._bucket(peer, rate) if rate else None
+        bucket: TokenBucket | None = None  # made at a connection's first add (budgets.py)
         tick = time.monotonic()
         ident, client, name = peer.id, peer.client, peer.name
         submissions: list[tuple[Peer, Submission]] = []
         append = submissions.append
         taken = size = 0
-        for text in texts:
-            try:
-                msg = parse(text)
-            except ProtocolError:
-                break  # that frame and the rest: handle() refuses it, in the connection's context
-            if type(msg) is not Add:
-                break
-            taken += 1
-            # isascii() is O(1) on CPython: the exact size of a frame without encoding it.
-            size += len(text) if text.isascii() else len(text.encode())
-            delta, req_id = msg
-            if bucket is not None and not bucket.take(rate, tick):
-                self._rate_limited(peer, rate, req_id, text)
-                continue
-            # tuple.__new__ directly: a named tuple's own __new__ is a Python function.
-            append((peer, _new(Submission, (delta, ident, now, client, name, req_id))))
-        if not taken:
-            return 0
-        peer.messages_in += taken
-        peer.bytes_in += size
-        peer.greeted = True  # no hello after an add
-        self.taken += taken
-        if submissions:
-            server.batcher.add_all(submissions)
+        try:
+            for text in texts:
+                try:
+                    msg = parse(text)
+                except ProtocolError:
+                    break  # it and the rest: handle() refuses it, in the connection's context
+                if type(msg) is not Add:
+                    break
+                taken += 1
+                # isascii() is O(1) on CPython: the exact size of a frame, not encoded.
+                size += len(text) if text.isascii() else len(text.encode())
+                delta, req_id = msg
+                if rate:
+                    if bucket is None:
+                        bucket = self._bucket(peer, rate)
+                    if not bucket.take(rate, tick):
+                        self._rate_limited(peer, rate, req_id, text)
+                        continue
+                # tuple.__new__ directly: a named tuple's own __new__ is a Python function.
+                append((peer, _new(Submission, (delta, ident, now, client, name, req_id))))
+        finally:
+            # Even if a parse raised (the connection then closes with 1011): the adds
+            # before it are applied, as they were when each frame was taken on its own.
+            if taken:
+                peer.messages_in += taken
+                peer.bytes_in += size
+                peer.greeted = True  # no hello after an add
+                self.taken += taken
+            if submissions:
+                server.batcher.add_all(submissions)
         return taken
 
     def _on_message(self, peer: Peer, message: str | bytes) -> None:
