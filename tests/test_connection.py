@@ -351,11 +351,14 @@ def test_a_run_of_adds_over_the_frame_budget_is_cut_where_it_crosses_it() -> Non
         sock = await open_raw(server)
         sock.sendall(client_frame(b"d0"))
         await until_taken(recorder, 1)  # the handler waits: the frames are the taker's
-        sock.sendall(b"".join(client_frame(b"d%d" % i) for i in range(1, 14)))  # one read
+        sock.sendall(b"".join(client_frame(b"d%d" % i) for i in range(1, 24)))  # one read
         ((first, payload),) = await read_frames(sock, 1)
         assert first == 0x88
         assert struct.unpack("!H", payload[:2])[0] == 1008
-        assert recorder.taken == [f"d{i}" for i in range(10)]  # within the budget, in order
+        # Within the budget, in order, and not one more: the first 10, or the first 20 if a
+        # loaded machine took over a second from the connection's start to the 11th frame
+        # (the budget's second then starts over at it).
+        assert recorder.taken in ([f"d{i}" for i in range(10)], [f"d{i}" for i in range(20)])
         assert recorder.got == []
         sock.close()
         await asyncio.wait_for(recorder.closed.wait(), within(10))
