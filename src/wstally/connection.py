@@ -270,15 +270,16 @@ class TallyConnection(ServerConnection):
         return waiter is not None and not waiter.done()
 
     def _take(self, texts: list[str], ends: list[int], run: int) -> tuple[int, bool]:
-        """Hand a run of text frames' messages to the handler, which takes them from the
-        first on (adds it applies at once) and says how many. The run starts at ``run``, and
-        its frames end at ``ends``. Returns where the frames not taken start, and whether
-        any was left to websockets (the frames after it then go there too, in order)."""
+        """Hand a run of text frames' messages, collected while the handler takes frames
+        (_taking), to the handler, which takes them from the first on (adds it applies at
+        once) and says how many. The run starts at ``run``, and its frames end at ``ends``.
+        Returns where the frames not taken start, and whether any was left to websockets
+        (the frames after it then go there too, in order)."""
         if not texts:
             return run, False
         taken = 0
         take = self.take
-        if take is not None and self._taking():
+        if take is not None:
             try:
                 taken = take(self.intake.direct, texts)
             except Exception:
