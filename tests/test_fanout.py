@@ -16,13 +16,6 @@ def updates(first: int, count: int) -> list[Update]:
     return [Update(n, 1, n, 0.0, "c", name="ann") for n in range(first, first + count)]
 
 
-def test_split_bounds_one_flush() -> None:
-    pending = updates(1, 10)
-    assert fanout.split(pending, 20) == (pending, [])
-    now, later = fanout.split(pending, 4)
-    assert ([u.seq for u in now], [u.seq for u in later]) == ([1, 2, 3, 4], list(range(5, 11)))
-
-
 def test_a_backlog_is_several_bounded_frames_in_order() -> None:
     count = 2 * protocol.UPDATES_PER_FRAME + 3
     frames = fanout.broadcast(updates(1, count), clients=3, presence_changed=False)
@@ -33,7 +26,6 @@ def test_a_backlog_is_several_bounded_frames_in_order() -> None:
     assert all(len(f) <= protocol.MAX_SERVER_FRAME for f in frames.json.frames)
     assert frames.plain.frames[0] == b"Server records total=1"
     assert frames.presence is None
-    assert not frames.empty
 
 
 def test_presence_only_to_those_who_do_not_know_the_count() -> None:
@@ -73,11 +65,6 @@ def test_shared_frames_are_framed_once_as_websockets_frames_them() -> None:
         payload = b"x" * size
         protocol_.send_text(payload)
         assert writer.text_frame(payload) == b"".join(protocol_.data_to_send())
-
-
-def test_nothing_to_share_is_empty() -> None:
-    assert fanout.broadcast([], clients=1, presence_changed=False).empty
-    assert not fanout.broadcast([], clients=1, presence_changed=True).empty
 
 
 def test_a_full_buffer_is_skipped_unless_forced() -> None:

@@ -9,6 +9,7 @@ from structlog.testing import capture_logs
 
 from helpers import JsonClient, OpenClient, ServerFactory
 from wstally import rounds as rounds_module
+from wstally.tally import Update
 
 
 async def test_a_broadcast_in_slices_reaches_everyone_once_and_in_order(
@@ -91,37 +92,34 @@ async def test_a_write_that_raises_does_not_stop_the_broadcasts(
     peer.ws.transport.write = real_write  # type: ignore[method-assign]
 
 
-async def test_no_watcher_is_always_written_last(
-    make_server: ServerFactory, open_client: OpenClient
+async def test_each_watcher_is_written_what_was_published_up_to_its_turn(
+    make_server: ServerFactory, open_client: OpenClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Written in registration order, the last client to connect would wait for everyone
-    # else's write in every broadcast: each broadcast starts somewhere else instead.
+    # A round visits the watchers in registration order, a slice per loop turn. An update
+    # published while it is under way goes to the watchers it has not reached yet in the
+    # same write as the round's own, and to those it has passed in the next round: nobody
+    # late in a round is written a stale one, nobody gets an update twice or misses one.
+    monkeypatch.setattr(rounds_module, "SLICE", 0.0)
     server = await make_server(memory=True)
     hub = server.hub
-    watchers = [await open_client(server.url, {"client": f"w{i}"}) for i in range(20)]
-    order: list[list[str | None]] = []
-    start_round = hub.rounds.start
-
-    def recording(round_: rounds_module.Round, sliced: bool = True) -> None:
-        if round_.updates:
-            order.append([peer.client for peer in round_.targets])
-        start_round(round_, sliced)
-
-    hub.rounds.start = recording  # type: ignore[method-assign]
-    sender = watchers[0]
-    for i in range(40):
-        assert (await sender.add(1, f"a{i}"))["type"] == "ack"
-        await watchers[-1].items_until(i + 1)
-    for watcher in watchers:  # each read all it was sent (and closes promptly)
-        await watcher.items_until(40)
-    assert len(order) >= 20
-    assert all(sorted(map(str, o)) == sorted(f"w{i}" for i in range(20)) for o in order)
-    firsts = {o[0] for o in order}
-    lasts = {o[-1] for o in order}
-    assert len(firsts) >= 5, firsts  # 40 broadcasts, 20 watchers: many different starts
-    assert len(lasts) >= 5, lasts
-    # Still one rotation of the registration order: nobody skipped, nobody twice.
-    registered = [peer.client for peer in hub.peers]
-    for o in order:
-        k = registered.index(o[0])
-        assert o == registered[k:] + registered[:k]
+    watchers = [await open_client(server.url, {"client": f"w{i}"}) for i in range(40)]
+    assert [peer.client for peer in hub.peers] == [f"w{i}" for i in range(40)]
+    seq, total = hub.seq, hub.total
+    first = Update(seq + 1, 5, total + 5, 0.0, "test")
+    second = Update(seq + 2, 7, total + 12, 0.0, "test")
+    hub.publish([first])
+    hub.flush()  # the round's first slice, now: SLICE_CHECK watchers
+    assert hub.rounds.current is not None
+    reached = hub.rounds.current.index
+    assert reached == rounds_module.SLICE_CHECK
+    hub.publish([second])
+    for i, watcher in enumerate(watchers):
+        await watcher.items_until(seq + 2)
+        frames = [[i["seq"] for i in f["items"]] for f in watcher.frames if f["type"] == "updates"]
+        if i < reached:
+            assert frames == [[seq + 1], [seq + 2]], i
+        else:
+            assert frames == [[seq + 1, seq + 2]], i
+        assert watcher.items()[-1]["total"] == total + 12
+    assert hub.rounds.current is None
+    assert hub.deliveries == 80

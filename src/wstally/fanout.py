@@ -25,7 +25,6 @@ __all__ = [
     "may_write",
     "resync_frame",
     "shared_frames",
-    "split",
 ]
 
 
@@ -63,7 +62,8 @@ NOTHING = Shared((), b"")
 
 @dataclass(frozen=True, slots=True)
 class Broadcast:
-    """One flush's shared frames, encoded (and framed) once for every connection."""
+    """A range of updates' shared frames, encoded (and framed) once for every connection
+    owed that range."""
 
     json: Shared  # updates frames (at most UPDATES_PER_FRAME items each)
     plain: Shared  # one "Server records total=N" per update
@@ -72,23 +72,17 @@ class Broadcast:
     announced: Shared
     clients: int
 
-    @property
-    def empty(self) -> bool:
-        return not self.json.frames and self.presence is None
-
-
-def split(pending: list[Update], most: int) -> tuple[list[Update], list[Update]]:
-    """What goes out in this flush (at most ``most``), and what waits for the next."""
-    if len(pending) <= most:
-        return pending, []
-    return pending[:most], pending[most:]
-
 
 def broadcast(
-    updates: Sequence[Update], clients: int, presence_changed: bool, plain: bool = True
+    updates: Sequence[Update],
+    clients: int,
+    presence_changed: bool,
+    plain: bool = True,
+    items: Sequence[str] | None = None,
 ) -> Broadcast:
-    """One flush's frames; ``plain``: whether any plain-mode connection needs its own."""
-    json_frames = [f.encode() for f in protocol.encode_updates_frames(updates)]
+    """The frames of a range of updates; ``plain``: whether any plain-mode connection needs
+    its own; ``items``: the updates already encoded (``protocol.encode_items``)."""
+    json_frames = [f.encode() for f in protocol.encode_updates_frames(updates, items)]
     json = Shared.of(json_frames) if json_frames else NOTHING
     plain_frames = NOTHING
     if plain and updates:

@@ -2,29 +2,32 @@
 
 Everything the server sends goes through here. A connection's own frames (acks, errors, a
 snapshot) leave at the end of the event-loop tick that queued them (a batch's acks as soon
-as it is answered); the broadcast leaves at most once per flush interval (longer under
-load), as ``updates`` frames encoded and framed once and shared by every JSON client,
-handed to each socket together with its own frames in one write. A write per small message
-is the cost that bounds a naive server (docs/architecture.md and docs/benchmarks.md): this
-is where it is saved. A broadcast to many sockets is written a slice per loop turn, so that
-it does not hold up reads, commits and acks for its whole length. What goes to whom is
-decided in ``fanout`` (no I/O); ``writer`` writes.
+as it is answered); the broadcast visits every connection at most once per flush interval
+(longer under load), as ``updates`` frames encoded and framed once and shared by the JSON
+clients that are owed the same updates, handed to each socket together with its own frames
+in one write. A write per small message is the cost that bounds a naive server
+(docs/architecture.md and docs/benchmarks.md): this is where it is saved.
+
+A broadcast to many sockets is written a slice per loop turn, so that it does not hold up
+reads, commits and acks for its whole length, and each connection is written everything
+published up to its turn: every connection keeps its own position in the feed (``Peer.sent``),
+so that one written late in a round is not also written stale. What goes to whom is decided
+in ``fanout`` (no I/O); ``writer`` writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from wstally import fanout, logsetup, protocol
-from wstally.fanout import NOTHING, Mode, Phase, Shared
+from wstally.fanout import NOTHING, Broadcast, Mode, Phase, Shared
 from wstally.flow import Flow
 from wstally.laggards import Laggards
 from wstally.peer import Lag, Peer
-from wstally.rounds import Round, Rounds
+from wstally.rounds import SLICE_CHECK, Round, Rounds
 from wstally.tally import Update
 from wstally.writer import write_shared
 
@@ -36,6 +39,12 @@ log = logsetup.get_logger("wstally.hub")
 # past --buffer-limit (8 frames). A longer backlog leaves in the next flush, and meanwhile
 # holds the flow gate shut so that the senders, not our memory, absorb it.
 MAX_FLUSH = 8 * protocol.UPDATES_PER_FRAME
+# A round takes the current position again this many times as it goes (at most): the
+# connections it reaches later get what was published meanwhile. Each segment of the
+# round is a range of updates to encode, and the next round's segments start where these
+# ended, so a round encodes about this many ranges, not one per slice: at 1,000 watchers
+# and 10,000 updates/s, a range holds about a thousand.
+SEGMENTS = 8
 
 
 class Hub:
@@ -57,10 +66,17 @@ class Hub:
     ) -> None:
         self.epoch = epoch
         self.flow = flow if flow is not None else Flow(high=4 * MAX_FLUSH, low=MAX_FLUSH)
-        # The last *published* (committed and broadcast) position: what a new client's
-        # snapshot says, so that the next updates frame it receives continues it exactly.
+        # The last *published* (committed, handed to the hub) position: what a new client's
+        # snapshot says, from which its own position in the feed starts.
         self.seq = seq
         self.total = total
+        # Published updates that some connection has still to be written: seqs after
+        # _base, consecutive (the engine's feed guarantees it). Every connection that
+        # follows the broadcast has been written through _sent_all at least.
+        self._log: list[Update] = []
+        self._items: list[str] = []  # the same, encoded as updates frames' items
+        self._base = seq
+        self._sent_all = seq
         self.buffer_limit = buffer_limit
         self.resume_below = buffer_limit // 4
         self.presence_interval = presence_interval
@@ -72,7 +88,6 @@ class Hub:
         self._last_flush = 0.0
         self._flush_cost = 0.0  # how long the last broadcast took
         self.peers: dict[Peer, None] = {}
-        self._pending: list[Update] = []
         self._dirty: dict[Peer, None] = {}
         self._presence_dirty = False
         self._flush_handle: asyncio.Handle | None = None
@@ -83,7 +98,7 @@ class Hub:
         # another connection's bound fields.
         self._context = contextvars.Context()
         # The broadcast being written, a slice per loop turn (rounds.py).
-        self.rounds = Rounds(self.write, self._round_done, self._context)
+        self.rounds = Rounds(self.visit, self._round_done, self._context)
         # Connections that fell behind: skipped, then resynced or evicted (laggards.py).
         self.laggards = Laggards(
             self,
@@ -103,24 +118,22 @@ class Hub:
     def reset(self, epoch: str, seq: int, total: int) -> None:
         """Where the feed starts (at start, before anyone connects)."""
         self.epoch, self.seq, self.total = epoch, seq, total
+        self._log = []
+        self._items = []
+        self._base = self._sent_all = seq
 
     def restart(self, epoch: str, seq: int, total: int, reason: str) -> None:
         """A new history replaced the one everyone follows: what was pending belongs to the
         old one; every client gets the new position (JSON: a snapshot, not recovered)."""
         self.finish()
-        self._pending = []
         self.flow.level("broadcast", 0)
         self.reset(epoch, seq, total)
         for peer in self.peers:
+            peer.sent = seq
             if peer.mode is Mode.JSON:
                 self.go_live(peer, recovered=False, reason=reason)
             else:
                 self.send(peer, protocol.encode_plain_total(total))
-
-    @property
-    def pending(self) -> Sequence[Update]:
-        """Committed updates not broadcast yet."""
-        return self._pending
 
     # Registry
 
@@ -130,6 +143,7 @@ class Hub:
         ask for a replay, which must come before any live update (see ``release``)."""
         self.peers[peer] = None
         self.by_mode[peer.mode] += 1
+        peer.sent = self.seq
         if peer.mode is Mode.JSON:
             if hold > 0:
                 peer.phase = Phase.WAITING
@@ -154,12 +168,16 @@ class Hub:
 
     def go_live(self, peer: Peer, **snapshot: Any) -> None:
         """The snapshot at the current position (with ``snapshot``'s fields), then live."""
-        # A broadcast in progress covers updates the snapshot counts: it must not reach
-        # this peer after it, as it would if the peer's slice were still to come.
-        self.finish()
         self.cancel_hold(peer)
         peer.phase = Phase.LIVE
+        self.follow_from_here(peer)
         self.send(peer, self.snapshot(peer, **snapshot))
+
+    def follow_from_here(self, peer: Peer) -> None:
+        """``peer`` is told the current position (a snapshot, a resync): the broadcast
+        owes it only what is published after it, whatever it was owed before. Its own
+        frames (the snapshot) leave before any broadcast frame (``visit``)."""
+        peer.sent = self.seq
 
     def cancel_hold(self, peer: Peer) -> None:
         if peer.hold is not None:
@@ -203,8 +221,13 @@ class Hub:
 
     def publish(self, updates: Sequence[Update]) -> None:
         """Queue committed updates for every connection, in seq order."""
-        self._pending.extend(updates)
-        self.flow.level("broadcast", len(self._pending))
+        if not updates:
+            return
+        self._log.extend(updates)
+        self._items.extend(protocol.encode_items(updates))
+        last = updates[-1]
+        self.seq, self.total = last.seq, last.total
+        self.flow.level("broadcast", self.seq - self._sent_all)
         self._schedule()
 
     def flush_own(self, peer: Peer, limit: int | None = None, force: bool = False) -> None:
@@ -266,9 +289,9 @@ class Hub:
         """Write everything queued since the last flush, broadcast included.
 
         A broadcast still being written is finished first. The writes go out a slice at a
-        time (``rounds.py``); ``force`` (at shutdown) writes them all now, and lagging
-        peers their own frames (acks, errors) whatever their buffers hold: they are about to
-        be closed and must not lose an ack.
+        time (``rounds.py``); ``force`` (at shutdown) writes them all now, every update each
+        connection is owed, and lagging peers their own frames (acks, errors) whatever their
+        buffers hold: they are about to be closed and must not lose an ack.
         """
         self.rounds.finish(force)
         if self._flush_handle is not None:
@@ -277,28 +300,24 @@ class Hub:
             self._flush_handle.cancel()
             self._flush_handle = None
         self._last_flush = asyncio.get_running_loop().time()
-        updates, self._pending = fanout.split(self._pending, MAX_FLUSH)
-        if updates:
-            last = updates[-1]
-            self.seq, self.total = last.seq, last.total
-        frames = fanout.broadcast(
-            updates, self.clients, self._presence_dirty, plain=self.by_mode[Mode.PLAIN] > 0
-        )
+        presence = self.clients if self._presence_dirty else None
         self._presence_dirty = False
-        if frames.empty:
-            targets = list(self._dirty)
-            self._dirty = {}
-        else:
+        behind = self.seq > self._sent_all
+        if behind or presence is not None:
             # Frames queued for a few peers (acks, snapshots) still leave at the end of this
             # tick (_flush_own), not when the broadcast's slice reaches their peer: a new
             # connection's snapshot must not wait for a broadcast to 15,000 others.
+            #
+            # Always in registration order: every connection is then written about once per
+            # interval, and each write carries what was published until then. (Started at
+            # the same connection with what was published at the start, the last of 1,000
+            # watchers waited for the 999 others' writes every time: fan-out p50 40 ms,
+            # against 23 ms for the average watcher; started at a random one, every
+            # watcher waited for the round's start and then for its place in it.)
             targets = list(self.peers)
-            if len(targets) > 1:
-                # Each broadcast starts at a random connection: in registration order, the
-                # last of 1,000 watchers to connect waited for the 999 others every time
-                # (fan-out p50 40 ms, against 23 ms for the load test's average watcher).
-                start = random.randrange(len(targets))
-                targets = targets[start:] + targets[:start]
+        else:
+            targets = list(self._dirty)
+            self._dirty = {}
         if force:
             for peer in self.lagging:
                 own, peer.outbox = peer.outbox, []
@@ -309,23 +328,82 @@ class Hub:
         # 35-70 % of the handshakes per second at 15,000 connections for as many rounds
         # and writes (docs/benchmarks.md; perhaps dearer writes to readers that went back
         # to sleep between slices).
-        round_ = Round(frames, targets, len(updates), force)
-        self.rounds.start(round_, sliced=bool(updates) and not force)
+        segment = max(SLICE_CHECK, -(-len(targets) // SEGMENTS))
+        round_ = Round(targets, force, presence, self.seq, segment, segment)
+        self.rounds.start(round_, sliced=behind and not force)
 
     def finish(self) -> None:
-        """Write the rest of a broadcast in progress now: before a connection's position
-        changes (a snapshot, a resync), or the next broadcast."""
+        """Write the rest of a broadcast in progress now: before the history everyone
+        follows is replaced (``restart``), or at shutdown."""
         self.rounds.finish()
+
+    def visit(self, peer: Peer, round_: Round) -> None:
+        """Write ``peer`` its own frames and what the broadcast owes it now: the updates
+        published since it was last written (at most MAX_FLUSH of them unless forced), and
+        the round's presence frame if it does not know the count yet."""
+        own = peer.outbox
+        if own:
+            peer.outbox = []
+        shared = NOTHING
+        if _follows(peer):
+            after = peer.sent
+            if after < self._base:
+                # Not owed what the log no longer holds: it was not following when that
+                # was trimmed, and was not told the position since (it is closing).
+                after = self._base
+            if round_.visited == round_.refresh:
+                round_.head = self.seq
+                round_.refresh += round_.segment
+            round_.visited += 1
+            through = round_.head
+            if through < after:
+                through = after  # it went live since the round took the position
+            elif not round_.force and through - after > MAX_FLUSH:
+                through = after + MAX_FLUSH
+            if through > after or round_.presence is not None:
+                frames = self._frames(round_, after, through)
+                shared, peer.clients_seen = fanout.shared_frames(
+                    peer.mode, peer.phase, peer.clients_seen, frames
+                )
+                peer.sent = through
+                round_.delivered += through - after
+        if own or shared.wire:
+            self.write(peer, own, shared, round_.force)
+
+    def _frames(self, round_: Round, after: int, through: int) -> Broadcast:
+        """The round's frames for the updates (after, through], encoded once per round."""
+        key = (after, through)
+        frames = round_.frames.get(key)
+        if frames is None:
+            start, end = after - self._base, through - self._base
+            clients = self.clients if round_.presence is None else round_.presence
+            frames = fanout.broadcast(
+                self._log[start:end],
+                clients,
+                round_.presence is not None,
+                plain=self.by_mode[Mode.PLAIN] > 0,
+                items=self._items[start:end],
+            )
+            round_.frames[key] = frames
+        return frames
 
     def _round_done(self, round_: Round) -> None:
         # The next broadcast is timed as if this one had been written in one go, ending now:
         # the slices' gaps went to other work, which the interval is there to leave room for.
         self._last_flush = asyncio.get_running_loop().time() - round_.cost
-        if round_.updates:
-            self.deliveries += round_.updates * len(round_.targets)
+        if round_.delivered:
+            self.deliveries += round_.delivered
             self._flush_cost = round_.cost
-        self.flow.level("broadcast", len(self._pending))
-        if self._pending or self._presence_dirty:
+        # Whoever was written early in the round is owed what was published since; a peer
+        # that lags or waits for its snapshot is owed nothing (it will be told the position).
+        seq = self.seq
+        behind = (p.sent for p in self.peers if p.lag is None and p.sent < seq and _follows(p))
+        self._sent_all = max(min(behind, default=seq), self._base)
+        del self._log[: self._sent_all - self._base]
+        del self._items[: self._sent_all - self._base]
+        self._base = self._sent_all
+        self.flow.level("broadcast", seq - self._sent_all)
+        if seq > self._sent_all or self._presence_dirty:
             self._schedule()
 
     def write(
@@ -375,3 +453,8 @@ class Hub:
         self.rounds.cancel()
         self.laggards.close()
         self._flush_handle = self._own_handle = self._presence_handle = None
+
+
+def _follows(peer: Peer) -> bool:
+    """Whether the broadcast writes to ``peer`` (a JSON one once it has its snapshot)."""
+    return peer.mode is Mode.PLAIN or peer.phase is Phase.LIVE

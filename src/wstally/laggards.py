@@ -111,6 +111,7 @@ class Laggards:
             ws, lag = peer.ws, peer.lag
             if ws.protocol.state is not OPEN or lag is None:
                 del self.lagging[peer]
+                self.hub.follow_from_here(peer)  # owed nothing: it is closing
                 peer.resume()
                 continue
             verdict = fanout.lag_verdict(
@@ -130,9 +131,10 @@ class Laggards:
 
     def _resync(self, peer: Peer, lag: Lag) -> None:
         hub = self.hub
-        hub.finish()  # as in go_live: no broadcast after the snapshot that sums it up
         del self.lagging[peer]
         peer.lag = None
+        # The snapshot sums up what it missed: the broadcast owes it only what follows.
+        hub.follow_from_here(peer)
         # Whatever it missed is summed up by the current position.
         frame = fanout.resync_frame(peer.mode, peer.phase, hub.snapshot(peer), hub.total)
         if frame is not None:
@@ -147,6 +149,7 @@ class Laggards:
     def _evict(self, peer: Peer) -> None:
         """Close a connection that stayed behind for too long: 4008 "slow consumer"."""
         del self.lagging[peer]
+        self.hub.follow_from_here(peer)  # owed nothing: it is being closed
         lag_since = peer.lag.since if peer.lag is not None else 0.0
         self.evicted += 1
         ws = peer.ws

@@ -52,6 +52,7 @@ class Peer:
         "outbox",
         "phase",
         "refused",
+        "sent",
         "ws",
     )
 
@@ -73,6 +74,9 @@ class Peer:
         self.hold: asyncio.TimerHandle | None = None
         # Frames for this connection alone, written at the next flush.
         self.outbox: list[bytes] = []
+        # The seq through which the broadcast has been written to it (set by the hub when
+        # it registers, goes live or is resynced): what it is owed is what follows.
+        self.sent = 0
         # The client count this peer last heard of, in a snapshot or a presence frame.
         self.clients_seen = 0
         self.lag: Lag | None = None  # while it lags: one per episode

@@ -41,6 +41,7 @@ __all__ = [
     "decode_server",
     "encode_ack",
     "encode_error",
+    "encode_items",
     "encode_plain_error",
     "encode_plain_total",
     "encode_presence",
@@ -301,18 +302,31 @@ def _encode_item(update: Update) -> str:
     return f'{{"seq":{update.seq},"delta":{update.delta},"total":{update.total},"by":{by}}}'
 
 
-def encode_updates(updates: Sequence[Update]) -> str:
+def encode_items(updates: Iterable[Update]) -> list[str]:
+    """Each update as an item of an ``updates`` frame: the broadcast encodes an update once
+    and joins it into the frames of every range of updates that holds it."""
+    return list(map(_encode_item, updates))
+
+
+def encode_updates(updates: Sequence[Update], items: Iterable[str] | None = None) -> str:
+    """One ``updates`` frame; ``items``: the updates already encoded (``encode_items``)."""
     last = updates[-1]
-    items = ",".join(map(_encode_item, updates))
-    return f'{{"type":"updates","seq":{last.seq},"total":{last.total},"items":[{items}]}}'
+    joined = ",".join(map(_encode_item, updates) if items is None else items)
+    return f'{{"type":"updates","seq":{last.seq},"total":{last.total},"items":[{joined}]}}'
 
 
-def encode_updates_frames(updates: Sequence[Update]) -> list[str]:
-    """``updates`` as consecutive frames of at most UPDATES_PER_FRAME items each."""
+def encode_updates_frames(
+    updates: Sequence[Update], items: Sequence[str] | None = None
+) -> list[str]:
+    """``updates`` as consecutive frames of at most UPDATES_PER_FRAME items each
+    (``items``: as for ``encode_updates``)."""
     n = UPDATES_PER_FRAME
     if len(updates) <= n:
-        return [encode_updates(updates)] if updates else []
-    return [encode_updates(updates[i : i + n]) for i in range(0, len(updates), n)]
+        return [encode_updates(updates, items)] if updates else []
+    return [
+        encode_updates(updates[i : i + n], None if items is None else items[i : i + n])
+        for i in range(0, len(updates), n)
+    ]
 
 
 def encode_presence(clients: int) -> str:

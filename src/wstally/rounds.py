@@ -4,8 +4,9 @@ A broadcast of updates to a thousand sockets takes 5-20 ms of writes. Written in
 it holds up everything else the loop has to do: reading adds, taking finished commits,
 sending acks, which then wait behind it once or twice each. Written 0.3 ms at a time,
 with a loop turn between slices, they go out in between. At most one broadcast is in
-progress; whatever must not overtake it (a snapshot, a resync, the next broadcast) calls
-``finish`` first, which writes the rest of it at once.
+progress; what must not wait for its end (the next broadcast, shutdown) calls ``finish``,
+which writes the rest of it at once. What each connection is written is the hub's
+choice (``Hub.visit``), made when its turn comes, not when the round starts.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import contextvars
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wstally import fanout, logsetup
-from wstally.fanout import Shared
 from wstally.peer import Peer
 
 __all__ = ["SLICE", "SLICE_CHECK", "Round", "Rounds"]
@@ -34,32 +34,43 @@ SLICE = 0.0003
 # Peers written between two looks at the clock.
 SLICE_CHECK = 16
 
-# Writes one peer its own frames, then the shared ones (Hub.write); the last argument is
-# ``force``.
-Write = Callable[[Peer, list[bytes], Shared, bool], None]
-
 
 @dataclass(slots=True)
 class Round:
     """One broadcast being written: to whom, and how far it got."""
 
-    frames: fanout.Broadcast
     targets: list[Peer]
-    updates: int
     force: bool
+    # The client count it announces, when that changed (a presence frame), else None.
+    presence: int | None = None
+    # The position its next connections are written up to, taken again every ``segment``
+    # connections visited (Hub.visit): what is published while a round is under way goes
+    # to those it has not reached yet, at the cost of one more range to encode.
+    head: int = 0
+    segment: int = 1
+    refresh: int = 1  # the count of visits at which it is taken next
+    visited: int = 0
     index: int = 0
     cost: float = 0.0  # time spent writing it, over all its slices
+    delivered: int = 0  # updates written, summed over its targets
+    # Frames by the range of updates they carry (after, through]: the connections written
+    # in one slice mostly share one range, encoded once for all of them.
+    frames: dict[tuple[int, int], fanout.Broadcast] = field(default_factory=dict)
+
+
+# Writes one peer whatever it is owed now: its own frames, then the broadcast's.
+Visit = Callable[[Peer, Round], None]
 
 
 class Rounds:
-    """The broadcast in progress, if any, written slice by slice through ``write``;
-    ``done`` is called with it once every target has been written."""
+    """The broadcast in progress, if any, written slice by slice through ``visit``;
+    ``done`` is called with it once every target has been visited."""
 
     def __init__(
-        self, write: Write, done: Callable[[Round], None], context: contextvars.Context
+        self, visit: Visit, done: Callable[[Round], None], context: contextvars.Context
     ) -> None:
         self.current: Round | None = None
-        self._write = write
+        self._visit = visit
         self._done = done
         self._context = context
         self._handle: asyncio.Handle | None = None
@@ -86,7 +97,7 @@ class Rounds:
         self.current = None
 
     def _next(self, budget: float | None = None) -> None:
-        """Write the next peers, for about ``budget`` seconds (default: SLICE)."""
+        """Visit the next peers, for about ``budget`` seconds (default: SLICE)."""
         self._handle = None
         round_ = self.current
         if round_ is None:
@@ -95,21 +106,14 @@ class Rounds:
         clock = time.perf_counter
         started = clock()
         deadline = started + (SLICE if budget is None else budget)
-        frames, targets, force, write = round_.frames, round_.targets, round_.force, self._write
+        targets, visit = round_.targets, self._visit
         index, end = round_.index, len(targets)
         while index < end:
             peer = targets[index]
             index += 1
             if peer.lag is None:
-                own = peer.outbox
-                if own:
-                    peer.outbox = []
-                shared, peer.clients_seen = fanout.shared_frames(
-                    peer.mode, peer.phase, peer.clients_seen, frames
-                )
                 try:
-                    if own or shared.wire:
-                        write(peer, own, shared, force)
+                    visit(peer, round_)
                 except Exception:
                     # One socket's failure (a transport closed under us) must not end the
                     # round: a round that never ends would stop every broadcast after it.

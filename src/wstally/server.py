@@ -302,7 +302,7 @@ class TallyServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2.0
         hub = self.hub
-        while (hub.pending[-1].seq if hub.pending else hub.seq) < self.batcher.seq:
+        while hub.seq < self.batcher.seq:
             if loop.time() > deadline:
                 break
             await asyncio.sleep(0.001)
