@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from structlog.testing import capture_logs
+from websockets.asyncio.client import connect
 
-from helpers import JsonClient, OpenClient, ServerFactory
+from helpers import JsonClient, OpenClient, ServerFactory, within
+from wstally import handler as handler_module
 from wstally import rounds as rounds_module
+from wstally.fanout import Phase
+from wstally.protocol import SUBPROTOCOL
 from wstally.tally import Update
 
 
@@ -123,3 +128,41 @@ async def test_each_watcher_is_written_what_was_published_up_to_its_turn(
         assert watcher.items()[-1]["total"] == total + 12
     assert hub.rounds.current is None
     assert hub.deliveries == 80
+
+
+async def test_a_client_told_the_count_by_its_snapshot_is_not_told_an_older_one(
+    make_server: ServerFactory, open_client: OpenClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A round that announces the client count takes it at each connection's turn: one that
+    # went live in the middle of the round, with the count in its snapshot, must not then
+    # be told the count the round started with.
+    monkeypatch.setattr(rounds_module, "SLICE", 0.0)
+    monkeypatch.setattr(handler_module, "HELLO_WINDOW", within(10))
+    server = await make_server(memory=True)
+    hub = server.hub
+    watchers = [await open_client(server.url, {"client": f"w{i}"}) for i in range(40)]
+    late = await connect(server.url, subprotocols=[SUBPROTOCOL])  # no hello: it waits
+    async with asyncio.timeout(within(5)):
+        while hub.clients < 41:  # noqa: ASYNC110 - polled server state
+            await asyncio.sleep(0.01)
+    (waiting,) = [p for p in hub.peers if p.phase is Phase.WAITING]
+    (leaving,) = [p for p in hub.peers if p.client == "w39"]
+    seq, total = hub.seq, hub.total
+    hub.publish([Update(seq + 1, 1, total + 1, 0.0, "test")])
+    hub._presence_due()  # a round announcing 41 clients: its first slice, now
+    assert hub.rounds.current is not None
+    assert hub.rounds.current.index < len(hub.rounds.current.targets)
+    hub.unregister(leaving)  # 40 clients
+    hub.release(waiting)  # its snapshot says 40
+    snapshot = json.loads(await asyncio.wait_for(late.recv(), within(5)))
+    assert (snapshot["type"], snapshot["clients"], snapshot["seq"]) == ("snapshot", 40, seq + 1)
+    for watcher in watchers[:39]:
+        await watcher.items_until(seq + 1)
+    async with asyncio.timeout(within(5)):
+        while hub.rounds.current is not None:  # noqa: ASYNC110 - polled server state
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(2 * hub.presence_interval)  # the leave's own presence round
+    with pytest.raises(TimeoutError):
+        frame = await asyncio.wait_for(late.recv(), within(0.5))
+        raise AssertionError(f"after its snapshot it was sent {frame}")
+    await late.close()

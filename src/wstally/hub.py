@@ -223,9 +223,16 @@ class Hub:
         """Queue committed updates for every connection, in seq order."""
         if not updates:
             return
-        self._log.extend(updates)
-        self._items.extend(protocol.encode_items(updates))
+        items = protocol.encode_items(updates)  # first: a failure must leave the log whole
         last = updates[-1]
+        if updates[0].seq != self.seq + 1:
+            # The feed promises consecutive seqs; were one missing, the log's positions
+            # would be off from here on. Everyone is told the new position instead.
+            log.error("broadcast.gap", seq=self.seq, next=updates[0].seq)
+            self.restart(self.epoch, last.seq, last.total, "a gap in the feed")
+            return
+        self._log.extend(updates)
+        self._items.extend(items)
         self.seq, self.total = last.seq, last.total
         self.flow.level("broadcast", self.seq - self._sent_all)
         self._schedule()
@@ -300,10 +307,9 @@ class Hub:
             self._flush_handle.cancel()
             self._flush_handle = None
         self._last_flush = asyncio.get_running_loop().time()
-        presence = self.clients if self._presence_dirty else None
-        self._presence_dirty = False
+        announce, self._presence_dirty = self._presence_dirty, False
         behind = self.seq > self._sent_all
-        if behind or presence is not None:
+        if behind or announce:
             # Frames queued for a few peers (acks, snapshots) still leave at the end of this
             # tick (_flush_own), not when the broadcast's slice reaches their peer: a new
             # connection's snapshot must not wait for a broadcast to 15,000 others.
@@ -329,12 +335,12 @@ class Hub:
         # and writes (docs/benchmarks.md; perhaps dearer writes to readers that went back
         # to sleep between slices).
         segment = max(SLICE_CHECK, -(-len(targets) // SEGMENTS))
-        round_ = Round(targets, force, presence, self.seq, segment, segment)
+        round_ = Round(targets, force, announce, self.seq, segment, segment)
         self.rounds.start(round_, sliced=behind and not force)
 
     def finish(self) -> None:
         """Write the rest of a broadcast in progress now: before the history everyone
-        follows is replaced (``restart``), or at shutdown."""
+        follows is replaced (``restart``)."""
         self.rounds.finish()
 
     def visit(self, peer: Peer, round_: Round) -> None:
@@ -344,43 +350,53 @@ class Hub:
         own = peer.outbox
         if own:
             peer.outbox = []
+        if not _follows(peer):
+            if own:
+                self.write(peer, own, NOTHING, round_.force)
+            return
+        after = peer.sent
+        if after < self._base:
+            # Not owed what the log no longer holds: it was not following when that was
+            # trimmed, and was not told the position since (it is closing).
+            after = self._base
+        if round_.visited == round_.refresh:
+            round_.head = self.seq
+            round_.refresh += round_.segment
+        round_.visited += 1
+        through = round_.head
+        if through < after:
+            through = after  # it went live since the round took the position
+        elif not round_.force and through - after > MAX_FLUSH:
+            through = after + MAX_FLUSH
         shared = NOTHING
-        if _follows(peer):
-            after = peer.sent
-            if after < self._base:
-                # Not owed what the log no longer holds: it was not following when that
-                # was trimmed, and was not told the position since (it is closing).
-                after = self._base
-            if round_.visited == round_.refresh:
-                round_.head = self.seq
-                round_.refresh += round_.segment
-            round_.visited += 1
-            through = round_.head
-            if through < after:
-                through = after  # it went live since the round took the position
-            elif not round_.force and through - after > MAX_FLUSH:
-                through = after + MAX_FLUSH
-            if through > after or round_.presence is not None:
-                frames = self._frames(round_, after, through)
-                shared, peer.clients_seen = fanout.shared_frames(
-                    peer.mode, peer.phase, peer.clients_seen, frames
-                )
-                peer.sent = through
-                round_.delivered += through - after
-        if own or shared.wire:
-            self.write(peer, own, shared, round_.force)
+        if through > after or round_.announce:
+            shared, peer.clients_seen = fanout.shared_frames(
+                peer.mode, peer.phase, peer.clients_seen, self._frames(round_, after, through)
+            )
+        try:
+            if own or shared.wire:
+                self.write(peer, own, shared, round_.force)
+        finally:
+            # Past these, even if the write failed: a socket that cannot be written must
+            # not hold the log (and the senders, through the flow gate) back. One that
+            # fell behind is told the position when it drains.
+            peer.sent = through
+        if peer.lag is None:
+            round_.delivered += through - after
 
     def _frames(self, round_: Round, after: int, through: int) -> Broadcast:
-        """The round's frames for the updates (after, through], encoded once per round."""
-        key = (after, through)
+        """The round's frames for the updates (after, through], encoded once per round; with
+        the client count as it is now, if the round announces it (a peer told the count by
+        a snapshot since the round began must not be told an older one)."""
+        clients = self.clients if round_.announce else 0
+        key = (after, through, clients)
         frames = round_.frames.get(key)
         if frames is None:
             start, end = after - self._base, through - self._base
-            clients = self.clients if round_.presence is None else round_.presence
             frames = fanout.broadcast(
                 self._log[start:end],
                 clients,
-                round_.presence is not None,
+                round_.announce,
                 plain=self.by_mode[Mode.PLAIN] > 0,
                 items=self._items[start:end],
             )

@@ -77,7 +77,7 @@ class Laggards:
         """
         loop = asyncio.get_running_loop()
         hub = self.hub
-        peer.lag = Lag(loop.time(), hub.seq)
+        peer.lag = Lag(loop.time(), peer.sent)  # what it was written through
         peer.lagged += 1
         self.lagging[peer] = None
         self.skipped += 1

@@ -101,7 +101,7 @@ class Source(Protocol):
 _SCALARS = (
     ("adds_applied", "counter", "Adds applied (acknowledged, or broadcast for plain clients)."),
     ("adds_duplicate", "counter", "Resent adds answered with the original result."),
-    ("deliveries", "counter", "Updates delivered: one per update per connected client."),
+    ("deliveries", "counter", "Updates written: one per update per following client."),
     ("sent_bytes", "counter", "Bytes written to WebSocket connections."),
     ("lagging_connections", "gauge", "Connections skipped for a full write buffer, right now."),
     ("lag_episodes", "counter", "Times a connection fell behind and was skipped."),

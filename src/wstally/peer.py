@@ -20,7 +20,7 @@ class Lag:
     """One episode of a connection falling behind (made only when it happens)."""
 
     since: float  # loop time it fell behind
-    seq: int  # the hub's seq then
+    seq: int  # the seq it had been written through then
     # The handler waits on it before reading more, so that a client that does not read
     # cannot make us queue unbounded acks for it.
     drained: asyncio.Event = field(default_factory=asyncio.Event)

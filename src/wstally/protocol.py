@@ -271,8 +271,8 @@ def _json_kind(value: Any) -> str:
     return "an object"
 
 
-# Server -> client. Hand-assembled where it matters: these run once per flush or per ack on
-# the hot path, and every value but names and ids is an int we produced ourselves.
+# Server -> client. Hand-assembled where it matters: these run once per range of updates
+# or per ack on the hot path, and every value but names and ids is an int we produced ourselves.
 
 
 def encode_snapshot(epoch: str, seq: int, total: int, clients: int, **extra: Any) -> str:

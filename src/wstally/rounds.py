@@ -4,9 +4,9 @@ A broadcast of updates to a thousand sockets takes 5-20 ms of writes. Written in
 it holds up everything else the loop has to do: reading adds, taking finished commits,
 sending acks, which then wait behind it once or twice each. Written 0.3 ms at a time,
 with a loop turn between slices, they go out in between. At most one broadcast is in
-progress; what must not wait for its end (the next broadcast, shutdown) calls ``finish``,
-which writes the rest of it at once. What each connection is written is the hub's
-choice (``Hub.visit``), made when its turn comes, not when the round starts.
+progress: the next one waits for its end, and what cannot wait (shutdown, a new history)
+calls ``finish``, which writes the rest of it at once. What each connection is written is
+the hub's choice (``Hub.visit``), made when its turn comes, not when the round starts.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ class Round:
 
     targets: list[Peer]
     force: bool
-    # The client count it announces, when that changed (a presence frame), else None.
-    presence: int | None = None
+    # Whether it announces the client count (a presence frame, to whoever does not know
+    # the count at its turn).
+    announce: bool = False
     # The position its next connections are written up to, taken again every ``segment``
     # connections visited (Hub.visit): what is published while a round is under way goes
     # to those it has not reached yet, at the cost of one more range to encode.
@@ -53,9 +54,9 @@ class Round:
     index: int = 0
     cost: float = 0.0  # time spent writing it, over all its slices
     delivered: int = 0  # updates written, summed over its targets
-    # Frames by the range of updates they carry (after, through]: the connections written
-    # in one slice mostly share one range, encoded once for all of them.
-    frames: dict[tuple[int, int], fanout.Broadcast] = field(default_factory=dict)
+    # Frames by the range of updates they carry (after, through] and the count they
+    # announce: the connections written in one segment share one range, encoded once.
+    frames: dict[tuple[int, int, int], fanout.Broadcast] = field(default_factory=dict)
 
 
 # Writes one peer whatever it is owed now: its own frames, then the broadcast's.

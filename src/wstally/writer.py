@@ -5,7 +5,7 @@ frames for one connection to the transport at once. This is websockets' ``send_d
 with the frames joined, and its guard: never between the fragments of a message that
 ``send()`` is still streaming.
 
-The broadcast is framed once per flush (``framed``), not once per connection: a server's
+The broadcast is framed once per range of updates (``framed``), not once per connection: a server's
 frames are not masked, so without an extension (compression) every connection gets the
 same bytes. Framing a frame through websockets' protocol object costs about 2 us; at a
 thousand connections that was a fifth of a flush.
