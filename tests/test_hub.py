@@ -166,3 +166,27 @@ async def test_a_client_told_the_count_by_its_snapshot_is_not_told_an_older_one(
         frame = await asyncio.wait_for(late.recv(), within(0.5))
         raise AssertionError(f"after its snapshot it was sent {frame}")
     await late.close()
+
+
+async def test_a_gap_in_the_feed_tells_everyone_the_new_position(
+    make_server: ServerFactory, open_client: OpenClient
+) -> None:
+    # The hub's log is indexed by seq: an update that does not follow the last one would
+    # shift every range after it. Everyone gets a snapshot at the new position instead.
+    server = await make_server(memory=True)
+    hub = server.hub
+    watchers = [await open_client(server.url, {"client": f"w{i}"}) for i in range(3)]
+    seq, total = hub.seq, hub.total
+    with capture_logs() as logs:
+        hub.publish([Update(seq + 5, 1, total + 9, 0.0, "test")])
+    assert [e for e in logs if e["event"] == "broadcast.gap"] == [
+        {"event": "broadcast.gap", "log_level": "error", "seq": seq, "next": seq + 5}
+    ]
+    for watcher in watchers:
+        snapshot = await watcher.expect("snapshot")
+        assert (snapshot["seq"], snapshot["total"]) == (seq + 5, total + 9)
+        assert snapshot["recovered"] is False
+    assert (hub.seq, hub.total) == (seq + 5, total + 9)
+    hub.publish([Update(seq + 6, 1, total + 10, 0.0, "test")])
+    for watcher in watchers:
+        assert [i["seq"] for i in await watcher.items_until(seq + 6)] == [seq + 6]
