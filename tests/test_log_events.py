@@ -292,9 +292,14 @@ async def test_feed_error_is_critical_with_its_traceback(
     error = await events.wait("feed.error")
     assert error["log_level"] == "critical"
     assert error["exc_info"] is True
-    # The feed goes on: the next update is broadcast.
+    # The feed goes on. The update the hub never took leaves a gap before the next one:
+    # the client is told the new position (a snapshot) rather than skipping it unawares.
     await client.send({"type": "add", "delta": 1})
-    assert (await client.expect("updates"))["seq"] == 2
+    snapshot = await client.expect("snapshot")
+    assert (snapshot["seq"], snapshot["total"], snapshot["recovered"]) == (2, 2, False)
+    assert (await events.wait("broadcast.gap"))["next"] == 2
+    await client.send({"type": "add", "delta": 1})
+    assert (await client.expect("updates"))["seq"] == 3
 
 
 async def test_batcher_error_is_critical_with_its_traceback(
