@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from typing import Any
@@ -518,4 +519,53 @@ async def test_slow_reader_is_skipped_then_resynced(make_server: ServerFactory) 
         nxt = json.loads(await asyncio.wait_for(slow.recv(), within(5)))
     assert nxt["items"][0]["seq"] == sent + 1
     await slow.close()
+
+
+async def test_a_slow_reader_at_shutdown_gets_the_final_position_without_a_gap(
+    make_server: ServerFactory,
+) -> None:
+    # A connection that lags when the server stops is resumed for the close. It must be
+    # told the position first (a snapshot), not written the rest of the stream from where
+    # it fell behind: its stream would have a gap, and end short of the last update.
+    server = await make_server(memory=True, buffer_limit=8 * 1024)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    slow = await connect(
+        server.url,
+        sock=sock,
+        subprotocols=["wstally.v1"],  # type: ignore[list-item]
+        max_queue=None,
+    )
+    slow.transport.pause_reading()  # until the server stops
+    sender = await JsonClient.connect(server.url, {"client": "s", "name": "n" * 32})
+    peer = next(p for p in server.hub.peers if p.ws.subprotocol == "wstally.v1" and not p.client)
+    peer.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = 0
+    async with asyncio.timeout(within(20)):
+        while peer.lagged == 0 or sent < 2000:
+            for _ in range(100):
+                await sender.send({"type": "add", "delta": 1})
+            sent += 100
+            await sender.items_until(sent)
+    assert peer.lagging
+    stopping = asyncio.create_task(server.stop())
+    async with asyncio.timeout(within(5)):
+        while peer.lagging:  # noqa: ASYNC110 - polled server state
+            await asyncio.sleep(0.001)
+    slow.transport.resume_reading()
+    frames: list[dict[str, Any]] = []
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(within(10)):
+            while True:
+                frames.append(json.loads(await slow.recv()))
+    await stopping
+    seq = frames[0]["seq"]  # its first snapshot
+    for frame in frames[1:]:
+        if frame["type"] == "snapshot":
+            seq = frame["seq"]
+        elif frame["type"] == "updates":
+            assert frame["items"][0]["seq"] == seq + 1, (seq, frame["items"][0])
+            seq = frame["seq"]
+    assert (seq, server.hub.seq) == (sent, sent)
     await sender.close()

@@ -95,6 +95,21 @@ class Laggards:
         if self._handle is None:
             self._handle = loop.call_later(self.resync_interval, self._check, context=self._context)
 
+    def release(self, peer: Peer) -> None:
+        """Stop holding ``peer`` back (at shutdown, whether or not it drained): it is told
+        the position now, past its buffer limit if need be, as a resync would, and is
+        written what follows it. Resumed without it, it would be written from wherever the
+        broadcast stood when it fell behind: a gap, and no final position."""
+        if self.lagging.pop(peer, None) is None and peer.lag is None:
+            return
+        hub = self.hub
+        frame = fanout.resync_frame(peer.mode, peer.phase, hub.snapshot(peer), hub.total)
+        if frame is not None:
+            peer.outbox.append(frame)
+        hub.follow_from_here(peer)
+        peer.resume()
+        hub.flush_own(peer, force=True)
+
     def forget(self, peer: Peer) -> None:
         """``peer`` left (unregistered)."""
         self.lagging.pop(peer, None)

@@ -322,7 +322,7 @@ class TallyServer:
         for peer in peers:
             if isinstance(peer.ws, TallyConnection):
                 peer.ws.hold_reading()
-            peer.resume()
+            self.hub.laggards.release(peer)
         self.flow.release_all()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 2.0
