@@ -14,17 +14,25 @@ from wstally import handler as handler_module
 from wstally import rounds as rounds_module
 from wstally.fanout import Phase
 from wstally.protocol import SUBPROTOCOL
+from wstally.server import TallyServer
 from wstally.tally import Update
 
 
+@pytest.fixture
+async def sliced(make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch) -> TallyServer:
+    """A server whose broadcasts have no time budget: a round to N peers takes a loop turn
+    per SLICE_CHECK of them, so that what happens between slices can be tested."""
+    monkeypatch.setattr(rounds_module, "SLICE", 0.0)
+    return await make_server(memory=True)
+
+
 async def test_a_broadcast_in_slices_reaches_everyone_once_and_in_order(
-    make_server: ServerFactory, open_client: OpenClient, monkeypatch: pytest.MonkeyPatch
+    sliced: TallyServer, open_client: OpenClient
 ) -> None:
     # No time budget: every slice is SLICE_CHECK peers, so each broadcast to the 40
     # watchers takes several loop turns, during which adds arrive, acks leave and late
     # joiners go live with a snapshot. None of them may get an update twice or miss one.
-    monkeypatch.setattr(rounds_module, "SLICE", 0.0)
-    server = await make_server(memory=True)
+    server = sliced
     hub = server.hub
     rounds: list[rounds_module.Round] = []  # kept alive, so that their ids stay theirs
     slices: dict[int, int] = {}
@@ -98,14 +106,13 @@ async def test_a_write_that_raises_does_not_stop_the_broadcasts(
 
 
 async def test_each_watcher_is_written_what_was_published_up_to_its_turn(
-    make_server: ServerFactory, open_client: OpenClient, monkeypatch: pytest.MonkeyPatch
+    sliced: TallyServer, open_client: OpenClient
 ) -> None:
     # A round visits the watchers in registration order, a slice per loop turn. An update
     # published while it is under way goes to the watchers it has not reached yet in the
     # same write as the round's own, and to those it has passed in the next round: nobody
     # late in a round is written a stale one, nobody gets an update twice or misses one.
-    monkeypatch.setattr(rounds_module, "SLICE", 0.0)
-    server = await make_server(memory=True)
+    server = sliced
     hub = server.hub
     watchers = [await open_client(server.url, {"client": f"w{i}"}) for i in range(40)]
     assert [peer.client for peer in hub.peers] == [f"w{i}" for i in range(40)]
@@ -131,14 +138,13 @@ async def test_each_watcher_is_written_what_was_published_up_to_its_turn(
 
 
 async def test_a_client_told_the_count_by_its_snapshot_is_not_told_an_older_one(
-    make_server: ServerFactory, open_client: OpenClient, monkeypatch: pytest.MonkeyPatch
+    sliced: TallyServer, open_client: OpenClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A round that announces the client count takes it at each connection's turn: one that
     # went live in the middle of the round, with the count in its snapshot, must not then
     # be told the count the round started with.
-    monkeypatch.setattr(rounds_module, "SLICE", 0.0)
     monkeypatch.setattr(handler_module, "HELLO_WINDOW", within(10))
-    server = await make_server(memory=True)
+    server = sliced
     hub = server.hub
     watchers = [await open_client(server.url, {"client": f"w{i}"}) for i in range(40)]
     late = await connect(server.url, subprotocols=[SUBPROTOCOL])  # no hello: it waits

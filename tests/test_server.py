@@ -9,11 +9,12 @@ import socket
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from helpers import GatedStore, JsonClient, OpenClient, ServerFactory, http_get, within
 from wstally.connection import TallyConnection
+from wstally.peer import Peer
 from wstally.server import TallyServer
 from wstally.store import SQLiteStore
 from wstally.tally import INT64_MAX, INT64_MIN
@@ -474,12 +475,11 @@ async def test_commit_failure_tells_no_one_and_keeps_the_total(
     assert [(i["seq"], i["total"]) for i in items] == [(1, 10), (2, 11)]
 
 
-async def test_slow_reader_is_skipped_then_resynced(make_server: ServerFactory) -> None:
-    limit = 8 * 1024
-    server = await make_server(memory=True, buffer_limit=limit)
-    # A reader with tiny socket buffers on both ends that stops reading: the server's write
-    # buffer for it must stop growing at about the limit, and it must get the news once it
-    # reads again.
+async def slow_reader(
+    server: TallyServer, max_queue: int | None
+) -> tuple[ClientConnection, Peer, JsonClient]:
+    """A JSON reader with tiny socket buffers on both ends (it fills them fast once it stops
+    reading), its peer on the server, and a sender."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
@@ -487,14 +487,18 @@ async def test_slow_reader_is_skipped_then_resynced(make_server: ServerFactory) 
         server.url,
         sock=sock,
         subprotocols=["wstally.v1"],  # type: ignore[list-item]
-        max_queue=1,
+        max_queue=max_queue,
     )
     sender = await JsonClient.connect(server.url, {"client": "s", "name": "n" * 32})
     peer = next(p for p in server.hub.peers if p.ws.subprotocol == "wstally.v1" and not p.client)
-    server_sock = peer.ws.transport.get_extra_info("socket")
-    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    peak = 0
-    sent = 0
+    peer.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return slow, peer, sender
+
+
+async def send_until_lagging(peer: Peer, sender: JsonClient) -> tuple[int, int]:
+    """Adds, 100 at a time, until ``peer`` lags and 2,000 were sent: how many, and the most
+    its write buffer held meanwhile."""
+    peak = sent = 0
     async with asyncio.timeout(within(20)):
         while peer.lagged == 0 or sent < 2000:
             for _ in range(100):
@@ -503,6 +507,17 @@ async def test_slow_reader_is_skipped_then_resynced(make_server: ServerFactory) 
             await sender.items_until(sent)
             peak = max(peak, peer.ws.transport.get_write_buffer_size())
     assert peer.lagging
+    return sent, peak
+
+
+async def test_slow_reader_is_skipped_then_resynced(make_server: ServerFactory) -> None:
+    limit = 8 * 1024
+    server = await make_server(memory=True, buffer_limit=limit)
+    # A reader with tiny socket buffers on both ends that stops reading: the server's write
+    # buffer for it must stop growing at about the limit, and it must get the news once it
+    # reads again.
+    slow, peer, sender = await slow_reader(server, max_queue=1)
+    sent, peak = await send_until_lagging(peer, sender)
     # Bounded: the limit plus at most one tick's frames, never the whole backlog.
     assert peak < limit + 16 * 1024
     # Now read everything: the stream must end on a snapshot at the current position.
@@ -528,27 +543,9 @@ async def test_a_slow_reader_at_shutdown_gets_the_final_position_without_a_gap(
     # told the position first (a snapshot), not written the rest of the stream from where
     # it fell behind: its stream would have a gap, and end short of the last update.
     server = await make_server(memory=True, buffer_limit=8 * 1024)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    slow = await connect(
-        server.url,
-        sock=sock,
-        subprotocols=["wstally.v1"],  # type: ignore[list-item]
-        max_queue=None,
-    )
+    slow, peer, sender = await slow_reader(server, max_queue=None)
     slow.transport.pause_reading()  # until the server stops
-    sender = await JsonClient.connect(server.url, {"client": "s", "name": "n" * 32})
-    peer = next(p for p in server.hub.peers if p.ws.subprotocol == "wstally.v1" and not p.client)
-    peer.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sent = 0
-    async with asyncio.timeout(within(20)):
-        while peer.lagged == 0 or sent < 2000:
-            for _ in range(100):
-                await sender.send({"type": "add", "delta": 1})
-            sent += 100
-            await sender.items_until(sent)
-    assert peer.lagging
+    sent, _ = await send_until_lagging(peer, sender)
     stopping = asyncio.create_task(server.stop())
     async with asyncio.timeout(within(5)):
         while peer.lagging:  # noqa: ASYNC110 - polled server state
