@@ -71,10 +71,9 @@ class Hub:
         # snapshot says, from which its own position in the feed starts.
         self.seq = seq
         self.total = total
-        # Published updates that some connection has still to be written. Every connection
-        # that follows the broadcast has been written through _sent_all at least.
+        # Published updates that some connection has still to be written: every connection
+        # that follows the broadcast has been written through backlog.base at least.
         self.backlog = Backlog(seq)
-        self._sent_all = seq
         self.buffer_limit = buffer_limit
         self.resume_below = buffer_limit // 4
         self.presence_interval = presence_interval
@@ -117,7 +116,6 @@ class Hub:
         """Where the feed starts (at start, before anyone connects)."""
         self.epoch, self.seq, self.total = epoch, seq, total
         self.backlog.reset(seq)
-        self._sent_all = seq
 
     def restart(self, epoch: str, seq: int, total: int, reason: str) -> None:
         """A new history replaced the one everyone follows: what was pending belongs to the
@@ -229,7 +227,7 @@ class Hub:
             return
         self.backlog.extend(updates)
         self.seq, self.total = last.seq, last.total
-        self.flow.level("broadcast", self.seq - self._sent_all)
+        self.flow.level("broadcast", self.seq - self.backlog.base)
         self._schedule()
 
     def flush_own(self, peer: Peer, limit: int | None = None, force: bool = False) -> None:
@@ -303,7 +301,7 @@ class Hub:
             self._flush_handle = None
         self._last_flush = asyncio.get_running_loop().time()
         announce, self._presence_dirty = self._presence_dirty, False
-        behind = self.seq > self._sent_all
+        behind = self.seq > self.backlog.base
         if behind or announce:
             # Frames queued for a few peers (acks, snapshots) still leave at the end of this
             # tick (_flush_own), not when the broadcast's slice reaches their peer: a new
@@ -330,7 +328,7 @@ class Hub:
         # and writes (docs/benchmarks.md; perhaps dearer writes to readers that went back
         # to sleep between slices).
         segment = max(SLICE_CHECK, -(-len(targets) // SEGMENTS))
-        round_ = Round(targets, force, announce, self.seq, segment, segment)
+        round_ = Round(targets, force, announce, head=self.seq, segment=segment, refresh=segment)
         self.rounds.start(round_, sliced=behind and not force)
 
     def finish(self) -> None:
@@ -411,10 +409,9 @@ class Hub:
         # that lags or waits for its snapshot is owed nothing (it will be told the position).
         seq = self.seq
         behind = (p.sent for p in self.peers if p.lag is None and p.sent < seq and _follows(p))
-        self._sent_all = max(min(behind, default=seq), self.backlog.base)
-        self.backlog.trim(self._sent_all)
-        self.flow.level("broadcast", seq - self._sent_all)
-        if seq > self._sent_all or self._presence_dirty:
+        self.backlog.trim(min(behind, default=seq))
+        self.flow.level("broadcast", seq - self.backlog.base)
+        if seq > self.backlog.base or self._presence_dirty:
             self._schedule()
 
     def write(

@@ -102,13 +102,18 @@ class Laggards:
         broadcast stood when it fell behind: a gap, and no final position."""
         if self.lagging.pop(peer, None) is None and peer.lag is None:
             return
+        self._tell_position(peer)
+        peer.resume()
+        self.hub.flush_own(peer, force=True)
+
+    def _tell_position(self, peer: Peer) -> None:
+        """Queue ``peer`` the current position, which sums up what it missed (nothing in the
+        middle of a replay, which covers it): the broadcast owes it only what follows."""
         hub = self.hub
         frame = fanout.resync_frame(peer.mode, peer.phase, hub.snapshot(peer), hub.total)
         if frame is not None:
             peer.outbox.append(frame)
         hub.follow_from_here(peer)
-        peer.resume()
-        hub.flush_own(peer, force=True)
 
     def forget(self, peer: Peer) -> None:
         """``peer`` left (unregistered)."""
@@ -148,12 +153,7 @@ class Laggards:
         hub = self.hub
         del self.lagging[peer]
         peer.lag = None
-        # The snapshot sums up what it missed: the broadcast owes it only what follows.
-        hub.follow_from_here(peer)
-        # Whatever it missed is summed up by the current position.
-        frame = fanout.resync_frame(peer.mode, peer.phase, hub.snapshot(peer), hub.total)
-        if frame is not None:
-            peer.outbox.append(frame)
+        self._tell_position(peer)
         own, peer.outbox = peer.outbox, []
         hub.write(peer, own, NOTHING)
         if peer.lag is None:
