@@ -46,6 +46,14 @@ MAX_FLUSH = 8 * protocol.UPDATES_PER_FRAME
 # ended, so a round encodes about this many ranges, not one per slice: at 1,000 watchers
 # and 10,000 updates/s, a range holds about a thousand.
 SEGMENTS = 8
+# A broadcast starts at least this many times the last one's cost after that one started:
+# the trade between CPU and latency, since every connection is written once per round and
+# an update waits for its watcher's next turn. At 1,000 watchers x 1,000 updates/s, with
+# rounds of ~12 ms of writes (the kernel's loopback path, ~11 us a socket), 1.5 against 2
+# cut the fan-out p99 from 41-52 to 31 ms for 6.1 against 4.7 s of CPU (the Node peer's:
+# 8.0), and at the throughput limit it leaves the core less idle (docs/benchmarks.md,
+# ninth session).
+SPACING = 1.5
 
 
 class Hub:
@@ -258,10 +266,10 @@ class Hub:
         # While a broadcast is being written, the next one waits for its end (_round_done).
         if self._flush_handle is None and self.rounds.current is None:
             loop = asyncio.get_running_loop()
-            # Spend at most about half of the loop's time broadcasting (one start per twice
-            # the last broadcast's cost): a flush to many clients costs milliseconds, and
-            # what waits meanwhile shares the next one.
-            interval = max(self.flush_interval, 2 * self._flush_cost)
+            # Spend at most about two thirds of the loop's time broadcasting (SPACING): a
+            # flush to many clients costs milliseconds, and what waits meanwhile shares the
+            # next one.
+            interval = max(self.flush_interval, SPACING * self._flush_cost)
             wait = self._last_flush + interval - loop.time()
             if wait <= 0:
                 self._flush_handle = loop.call_soon(self.flush, context=self._context)
@@ -399,9 +407,11 @@ class Hub:
         return frames
 
     def _round_done(self, round_: Round) -> None:
-        # The next broadcast is timed as if this one had been written in one go, ending now:
-        # the slices' gaps went to other work, which the interval is there to leave room for.
-        self._last_flush = asyncio.get_running_loop().time() - round_.cost
+        # The next broadcast is timed from this one's start (flush), not from its end: a
+        # round stretched by other work between its slices is not followed by a longer
+        # wait as well, which a connection would add to the time between two of its writes
+        # (anchored at the end, minus the round's cost: fan-out p99 45-52 against 41-43 ms
+        # at the same CPU).
         if round_.delivered:
             self.deliveries += round_.delivered
             self._flush_cost = round_.cost
