@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -12,7 +15,9 @@ from websockets.asyncio.client import connect
 from helpers import JsonClient, OpenClient, ServerFactory, within
 from wstally import handler as handler_module
 from wstally import rounds as rounds_module
+from wstally.contention import Contention
 from wstally.fanout import Phase
+from wstally.peer import Peer
 from wstally.protocol import SUBPROTOCOL
 from wstally.server import TallyServer
 from wstally.tally import Update
@@ -196,3 +201,59 @@ async def test_a_gap_in_the_feed_tells_everyone_the_new_position(
     hub.publish([Update(seq + 6, 1, total + 10, 0.0, "test")])
     for watcher in watchers:
         assert [i["seq"] for i in await watcher.items_until(seq + 6)] == [seq + 6]
+
+
+@pytest.mark.parametrize("contended", [False, True], ids=["idle_cpu", "contended_cpu"])
+async def test_the_next_round_waits_longer_while_the_cpu_is_contended(
+    make_server: ServerFactory, open_client: OpenClient, tmp_path: Path, contended: bool
+) -> None:
+    # Rounds of ~80 ms of work (two watchers, 40 ms each). With the CPU to spare, the next
+    # round may start 1.5x that after the last one started: 40 ms after it ended. While the
+    # loop's thread waits for a CPU, twice that after it ended as if written in one go:
+    # 80 ms after it ended.
+    server = await make_server(memory=True)
+    hub = server.hub
+    for i in range(2):
+        await open_client(server.url, {"client": f"w{i}"})
+    await asyncio.sleep(within(0.3))  # the joins' presence round
+    stat = tmp_path / "schedstat"
+    stat.write_text("0 0 0\n")
+    hub.contention = Contention(str(stat), window=math.inf)
+    hub.contention.contended = contended
+    visit, done, start = hub.rounds._visit, hub.rounds._done, hub.rounds.start
+    starts: list[float] = []
+    ends: list[float] = []
+
+    def slow_visit(peer: Peer, round_: rounds_module.Round) -> None:
+        until = time.perf_counter() + 0.04
+        while time.perf_counter() < until:
+            pass
+        visit(peer, round_)
+
+    def recorded_start(round_: rounds_module.Round, sliced: bool = True) -> None:
+        starts.append(time.perf_counter())
+        start(round_, sliced)
+
+    second_done = asyncio.Event()
+
+    def recorded_done(round_: rounds_module.Round) -> None:
+        ends.append(time.perf_counter())
+        done(round_)
+        if len(ends) == 1:  # the next update as soon as the first round ends
+            hub.publish([Update(hub.seq + 1, 1, hub.total + 1, 0.0, "test")])
+        else:
+            second_done.set()
+
+    hub.rounds._visit = slow_visit
+    hub.rounds.start = recorded_start  # type: ignore[method-assign]
+    hub.rounds._done = recorded_done
+    hub.publish([Update(hub.seq + 1, 1, hub.total + 1, 0.0, "test")])
+    await asyncio.wait_for(second_done.wait(), within(5))
+    assert len(starts) == len(ends) == 2
+    cost = ends[0] - starts[0]
+    gap = starts[1] - ends[0]
+    assert cost >= 0.08
+    if contended:
+        assert gap >= cost - 0.002
+    else:
+        assert cost / 2 - 0.002 <= gap < cost / 2 + within(0.03)

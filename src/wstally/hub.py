@@ -24,6 +24,7 @@ from typing import Any
 
 from wstally import fanout, logsetup, protocol
 from wstally.backlog import Backlog
+from wstally.contention import Contention
 from wstally.fanout import NOTHING, Broadcast, Mode, Phase, Shared
 from wstally.flow import Flow
 from wstally.laggards import Laggards
@@ -50,10 +51,16 @@ SEGMENTS = 8
 # the trade between CPU and latency, since every connection is written once per round and
 # an update waits for its watcher's next turn. At 1,000 watchers x 1,000 updates/s, with
 # rounds of ~12 ms of writes (the kernel's loopback path, ~11 us a socket), 1.5 against 2
-# cut the fan-out p99 from 41-52 to 31 ms for 6.1 against 4.7 s of CPU (the Node peer's:
-# 8.0), and at the throughput limit it leaves the core less idle (docs/benchmarks.md,
-# ninth session).
+# cut the fan-out p99 from 33-50 to 23-33 ms for 6.0-6.3 against 4.5-4.8 s of CPU (the
+# Node peer's: 8.0), and at the throughput limit it leaves the core less idle
+# (docs/benchmarks.md, ninth session).
 SPACING = 1.5
+# While the loop's thread waits for a CPU (contention.py), a broadcast starts at least this
+# many times the last one's cost after that one started, counted as if it had been written
+# in one go, ending when it ended: the CPU closer rounds would take is taken from everyone
+# else on the machine. Two nodes, Redis and the load generator on two cores: ack p50
+# 14.6-15.1 ms against 8.1-9.0 with 1.5 from the start, and no fan-out gained.
+SPACING_CONTENDED = 2.0
 
 
 class Hub:
@@ -92,6 +99,8 @@ class Hub:
         self.flush_interval = flush_interval
         self._last_flush = 0.0
         self._flush_cost = 0.0  # how long the last broadcast took
+        self._spacing = SPACING
+        self.contention = Contention()
         self.peers: dict[Peer, None] = {}
         self._dirty: dict[Peer, None] = {}
         self._presence_dirty = False
@@ -266,10 +275,10 @@ class Hub:
         # While a broadcast is being written, the next one waits for its end (_round_done).
         if self._flush_handle is None and self.rounds.current is None:
             loop = asyncio.get_running_loop()
-            # Spend at most about two thirds of the loop's time broadcasting (SPACING): a
-            # flush to many clients costs milliseconds, and what waits meanwhile shares the
-            # next one.
-            interval = max(self.flush_interval, SPACING * self._flush_cost)
+            # Spend at most about two thirds of the loop's time broadcasting (SPACING), half
+            # under contention: a flush to many clients costs milliseconds, and what waits
+            # meanwhile shares the next one.
+            interval = max(self.flush_interval, self._spacing * self._flush_cost)
             wait = self._last_flush + interval - loop.time()
             if wait <= 0:
                 self._flush_handle = loop.call_soon(self.flush, context=self._context)
@@ -407,14 +416,20 @@ class Hub:
         return frames
 
     def _round_done(self, round_: Round) -> None:
-        # The next broadcast is timed from this one's start (flush), not from its end: a
-        # round stretched by other work between its slices is not followed by a longer
-        # wait as well, which a connection would add to the time between two of its writes
-        # (anchored at the end, minus the round's cost: fan-out p99 45-52 against 41-43 ms
-        # at the same CPU).
         if round_.delivered:
             self.deliveries += round_.delivered
             self._flush_cost = round_.cost
+        # The next broadcast is timed from this one's start (flush), not from its end: a
+        # round stretched by other work between its slices is not followed by a longer
+        # wait as well, which a connection would add to the time between two of its writes
+        # (at 2x: fan-out p99 37-45 against 44-53 ms over four pairs, at the same CPU).
+        # Unless the CPU is contended: then as if it had been written in one go, ending now.
+        now = asyncio.get_running_loop().time()
+        if self.contention.update(now):
+            self._spacing = SPACING_CONTENDED
+            self._last_flush = now - round_.cost
+        else:
+            self._spacing = SPACING
         # Whoever was written early in the round is owed what was published since; a peer
         # that lags or waits for its snapshot is owed nothing (it will be told the position).
         seq = self.seq
@@ -470,6 +485,7 @@ class Hub:
                 handle.cancel()
         self.rounds.cancel()
         self.laggards.close()
+        self.contention.close()
         self._flush_handle = self._own_handle = self._presence_handle = None
 
 
