@@ -2,9 +2,10 @@
 
 Linux counts, per thread, the time it was runnable but not running (the second field of
 ``/proc/<pid>/task/<tid>/schedstat``, in nanoseconds). Over a window of wall time, that
-delay's share says whether the CPU is contended: on a core of its own the server's loop
-waited 2-6 % of the time at 1,000 watchers x 1,000 updates/s; two nodes, Redis and the load
-generator sharing two cores, 36-56 % (docs/benchmarks.md, ninth session).
+delay's share says whether the CPU is contended. At 1,000 watchers x 1,000 updates/s, over
+windows of 0.5 s (p10-p90): on a core of its own, the server's loop waited 4-7 % of the
+time; two nodes, Redis and the load generator sharing two cores, 17-34 %
+(docs/benchmarks.md, ninth session).
 
 The hub spends less CPU on broadcasts when it is (``hub.SPACING_CONTENDED``): closer
 rounds buy latency with CPU, which a contended machine takes from everything else, acks
@@ -20,8 +21,9 @@ __all__ = ["THRESHOLD", "WINDOW", "Contention"]
 
 # Read at most this often (seconds of the caller's clock): one pread, a few microseconds.
 WINDOW = 0.5
-# The share of wall time spent waiting for a CPU above which it counts as contended.
-THRESHOLD = 0.2
+# The share of wall time spent waiting for a CPU above which it counts as contended:
+# between the two cases above.
+THRESHOLD = 0.12
 
 
 class Contention:
