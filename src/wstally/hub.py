@@ -51,7 +51,7 @@ SEGMENTS = 8
 # the trade between CPU and latency, since every connection is written once per round and
 # an update waits for its watcher's next turn. At 1,000 watchers x 1,000 updates/s, with
 # rounds of ~12 ms of writes (the kernel's loopback path, ~11 us a socket), 1.5 against 2
-# cut the fan-out p99 from 33-50 to 23-33 ms for 6.0-6.3 against 4.5-4.8 s of CPU (the
+# cut the fan-out p99 from 33-50 to 23-37 ms for 6.0-6.4 against 4.5-4.8 s of CPU (the
 # Node peer's: 8.0), and at the throughput limit it leaves the core less idle
 # (docs/benchmarks.md, ninth session).
 SPACING = 1.5
@@ -59,7 +59,7 @@ SPACING = 1.5
 # many times the last one's cost after that one started, counted as if it had been written
 # in one go, ending when it ended: the CPU closer rounds would take is taken from everyone
 # else on the machine. Two nodes, Redis and the load generator on two cores: ack p50
-# 14.6-15.1 ms against 8.1-9.0 with 1.5 from the start, and no fan-out gained.
+# 8.0-9.9 ms with this rule, 14.6-15.1 with 1.5 from the start, which gained no fan-out.
 SPACING_CONTENDED = 2.0
 
 
