@@ -213,11 +213,11 @@ async def test_the_next_round_waits_longer_while_the_cpu_is_contended(
     # 80 ms after it ended.
     server = await make_server(memory=True)
     hub = server.hub
-    for i in range(2):
-        await open_client(server.url, {"client": f"w{i}"})
-    await asyncio.sleep(within(0.3))  # the joins' presence round
+    first, _second = [await open_client(server.url, {"client": f"w{i}"}) for i in range(2)]
+    assert (await first.expect("presence"))["clients"] == 2  # the joins' presence round
     stat = tmp_path / "schedstat"
     stat.write_text("0 0 0\n")
+    hub.contention.close()
     hub.contention = Contention(str(stat), window=math.inf)
     hub.contention.contended = contended
     visit, done, start = hub.rounds._visit, hub.rounds._done, hub.rounds.start

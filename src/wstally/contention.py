@@ -9,7 +9,8 @@ time; two nodes, Redis and the load generator sharing two cores, 17-34 %
 
 The hub spends less CPU on broadcasts when it is (``hub.SPACING_CONTENDED``): closer
 rounds buy latency with CPU, which a contended machine takes from everything else, acks
-included. Where the count cannot be read (not Linux), the CPU is taken as uncontended.
+included. Where the count cannot be read (not Linux), or stays at zero (a kernel that does
+not keep it), the CPU is taken as uncontended.
 """
 
 from __future__ import annotations
@@ -17,20 +18,26 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["THRESHOLD", "WINDOW", "Contention"]
+__all__ = ["RELEASE", "THRESHOLD", "WINDOW", "Contention"]
 
 # Read at most this often (seconds of the caller's clock): one pread, a few microseconds.
 WINDOW = 0.5
-# The share of wall time spent waiting for a CPU above which it counts as contended:
-# between the two cases above.
+# The share of wall time spent waiting for a CPU above which it counts as contended
+# (between the two cases above), and below which it no longer does: the hub's own spacing
+# moves the share it then measures, and should not flip with every window.
 THRESHOLD = 0.12
+RELEASE = 0.08
 
 
 class Contention:
     """The calling thread's wait for a CPU, sampled at most once per ``window``."""
 
     def __init__(
-        self, path: str | None = None, window: float = WINDOW, threshold: float = THRESHOLD
+        self,
+        path: str | None = None,
+        window: float = WINDOW,
+        threshold: float = THRESHOLD,
+        release: float = RELEASE,
     ) -> None:
         # Opened on first use, in the thread it measures (the loop's), unless given.
         self._path = path
@@ -38,6 +45,7 @@ class Contention:
         self._failed = False
         self.window = window
         self.threshold = threshold
+        self.release = release
         self.contended = False
         self.share = 0.0  # of the last complete window
         self._at: float | None = None
@@ -52,7 +60,7 @@ class Contention:
             return False
         if self._at is not None and now > self._at:
             self.share = (delay - self.delay) / 1e9 / (now - self._at)
-            self.contended = self.share > self.threshold
+            self.contended = self.share > (self.release if self.contended else self.threshold)
         self._at, self.delay = now, delay
         return self.contended
 
@@ -66,6 +74,8 @@ class Contention:
             os.close(self._fd)
             self._fd = None
         self._failed = True
+        self.contended = False
+        self.share = 0.0
 
     def _read(self) -> int | None:
         if self._fd is None:
