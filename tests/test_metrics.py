@@ -57,6 +57,7 @@ async def test_metrics_count_what_happened(
     assert m["wstally_sent_bytes_total"][()] > 0
     assert m["wstally_seq"][()] == 1
     assert m["wstally_engine_up"][()] == 1
+    assert m["wstally_loop_cpu_wait_ratio"][()] >= 0.0
     assert m["wstally_engine_info"] == {(("engine", "memory"),): 1}
     assert m["wstally_ack_seconds_count"][()] == 2
     assert m["wstally_ack_seconds_bucket"][(("le", "+Inf"),)] == 2
@@ -78,6 +79,15 @@ async def test_replays_are_counted(make_server: ServerFactory, open_client: Open
     replays = m["wstally_replays_total"]
     assert replays[(("outcome", "recovered"),)] == 1
     assert replays[(("outcome", "not_recovered"),)] == 1
+
+
+async def test_the_loop_s_wait_for_a_cpu_is_the_hub_s_last_reading(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(memory=True)
+    server.hub.contention.share = 0.25  # as a window of a contended machine would leave it
+    m = await scrape(server.port)
+    assert m["wstally_loop_cpu_wait_ratio"][()] == 0.25
 
 
 async def test_metrics_need_the_token(make_server: ServerFactory) -> None:

@@ -110,6 +110,12 @@ _SCALARS = (
     ("flow_blocked", "counter", "Times reading stopped because commits or broadcasts lagged."),
     ("seq", "gauge", "The last committed update's seq."),
     ("engine_up", "gauge", "1 when the engine commits, 0 while it is degraded."),
+    (
+        "loop_cpu_wait_ratio",
+        "gauge",
+        "Share of the event loop's last 0.5 s or more spent waiting for a CPU "
+        "(Linux; read as a broadcast ends; over 0.12, broadcasts are spaced wider).",
+    ),
 )
 
 

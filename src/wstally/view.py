@@ -59,6 +59,7 @@ class ServerView:
             "flow_blocked": server.flow.blocks,
             "seq": server.position.seq,
             "engine_up": 0 if server.engine.status().get("degraded") else 1,
+            "loop_cpu_wait_ratio": hub.contention.share,
         }
 
     def connections(self) -> dict[str, int]:
