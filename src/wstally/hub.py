@@ -99,7 +99,6 @@ class Hub:
         self.flush_interval = flush_interval
         self._last_flush = 0.0
         self._flush_cost = 0.0  # how long the last broadcast took
-        self._spacing = SPACING
         self.contention = Contention()
         self.peers: dict[Peer, None] = {}
         self._dirty: dict[Peer, None] = {}
@@ -278,7 +277,8 @@ class Hub:
             # Spend at most about two thirds of the loop's time broadcasting (SPACING), half
             # under contention: a flush to many clients costs milliseconds, and what waits
             # meanwhile shares the next one.
-            interval = max(self.flush_interval, self._spacing * self._flush_cost)
+            spacing = SPACING_CONTENDED if self.contention.contended else SPACING
+            interval = max(self.flush_interval, spacing * self._flush_cost)
             wait = self._last_flush + interval - loop.time()
             if wait <= 0:
                 self._flush_handle = loop.call_soon(self.flush, context=self._context)
@@ -426,10 +426,7 @@ class Hub:
         # Unless the CPU is contended: then as if it had been written in one go, ending now.
         now = asyncio.get_running_loop().time()
         if self.contention.update(now):
-            self._spacing = SPACING_CONTENDED
             self._last_flush = now - round_.cost
-        else:
-            self._spacing = SPACING
         # Whoever was written early in the round is owed what was published since; a peer
         # that lags or waits for its snapshot is owed nothing (it will be told the position).
         seq = self.seq
