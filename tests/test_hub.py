@@ -257,3 +257,57 @@ async def test_the_next_round_waits_longer_while_the_cpu_is_contended(
         assert gap >= cost - 0.002
     else:
         assert cost / 2 - 0.002 <= gap < cost / 2 + within(0.03)
+
+
+async def test_one_slow_round_is_not_followed_by_a_wait_as_long(
+    make_server: ServerFactory, open_client: OpenClient, tmp_path: Path
+) -> None:
+    # Three rounds of ~20 ms of work, then one of ~120 ms (a moment the kernel was slow),
+    # each followed at once by the next update. Timed from the slow round's cost alone, the
+    # next would wait 1.5x that after it started: 60 ms after it ended. From the rounds'
+    # typical cost (45 ms once the slow one counts a quarter), its time has passed when
+    # it ends: the next starts at once.
+    server = await make_server(memory=True)
+    hub = server.hub
+    first, _second = [await open_client(server.url, {"client": f"w{i}"}) for i in range(2)]
+    assert (await first.expect("presence"))["clients"] == 2  # the joins' presence round
+    stat = tmp_path / "schedstat"
+    stat.write_text("0 0 0\n")
+    hub.contention.close()
+    hub.contention = Contention(str(stat), window=math.inf)
+    visit, done, start = hub.rounds._visit, hub.rounds._done, hub.rounds.start
+    busy = [0.01, 0.01, 0.01, 0.06, 0.01]  # per visit, round by round
+    starts: list[float] = []
+    ends: list[float] = []
+    last_done = asyncio.Event()
+
+    def slow_visit(peer: Peer, round_: rounds_module.Round) -> None:
+        until = time.perf_counter() + busy[len(starts) - 1]
+        while time.perf_counter() < until:
+            pass
+        visit(peer, round_)
+
+    def recorded_start(round_: rounds_module.Round, sliced: bool = True) -> None:
+        starts.append(time.perf_counter())
+        start(round_, sliced)
+
+    def recorded_done(round_: rounds_module.Round) -> None:
+        ends.append(time.perf_counter())
+        done(round_)
+        if len(ends) < len(busy):
+            hub.publish([Update(hub.seq + 1, 1, hub.total + 1, 0.0, "test")])
+        else:
+            last_done.set()
+
+    hub.rounds._visit = slow_visit
+    hub.rounds.start = recorded_start  # type: ignore[method-assign]
+    hub.rounds._done = recorded_done
+    hub.publish([Update(hub.seq + 1, 1, hub.total + 1, 0.0, "test")])
+    await asyncio.wait_for(last_done.wait(), within(5))
+    assert len(starts) == len(ends) == len(busy)
+    costs = [end - begin for begin, end in zip(starts, ends, strict=True)]
+    assert costs[3] >= 0.12
+    # The fast rounds were spaced by their own cost: half of it between one's end and
+    # the next one's start, with the CPU to spare.
+    assert starts[2] - ends[1] >= costs[1] / 2 - 0.002
+    assert starts[4] - ends[3] < within(0.03)
