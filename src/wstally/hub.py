@@ -47,27 +47,20 @@ MAX_FLUSH = 8 * protocol.UPDATES_PER_FRAME
 # ended, so a round encodes about this many ranges, not one per slice: at 1,000 watchers
 # and 10,000 updates/s, a range holds about a thousand.
 SEGMENTS = 8
-# A broadcast starts at least this many times a round's cost (SMOOTHING) after the last
-# one started: the trade between CPU and latency, since every connection is written once
-# per round and an update waits for its watcher's next turn. At 1,000 watchers x 1,000
-# updates/s, with rounds of ~12 ms of writes (the kernel's loopback path, ~11 us a
-# socket), 1.5 against 2 cut the fan-out p99 from 33-50 to 23-37 ms for 6.0-6.4 against
-# 4.5-4.8 s of CPU (the Node peer's: 8.0), and at the throughput limit it leaves the core
-# less idle (docs/benchmarks.md, ninth session).
+# A broadcast starts at least this many times the last one's cost after that one started:
+# the trade between CPU and latency, since every connection is written once per round and
+# an update waits for its watcher's next turn. At 1,000 watchers x 1,000 updates/s, with
+# rounds of ~12 ms of writes (the kernel's loopback path, ~11 us a socket), 1.5 against 2
+# cut the fan-out p99 from 33-50 to 23-37 ms for 6.0-6.4 against 4.5-4.8 s of CPU (the
+# Node peer's: 8.0), and at the throughput limit it leaves the core less idle
+# (docs/benchmarks.md, ninth session).
 SPACING = 1.5
 # While the loop's thread waits for a CPU (contention.py), a broadcast starts at least this
-# many times a round's cost after the last one started, counted as if it had been written
+# many times the last one's cost after that one started, counted as if it had been written
 # in one go, ending when it ended: the CPU closer rounds would take is taken from everyone
 # else on the machine. Two nodes, Redis and the load generator on two cores: ack p50
 # 8.0-9.9 ms with this rule, 14.6-15.1 with 1.5 from the start, which gained no fan-out.
 SPACING_CONTENDED = 2.0
-# The spacing multiplies a moving average of the rounds' costs, each round counting this
-# much, not the last round's alone: one round the kernel made slow (1,000 loopback writes
-# cost 7-19 ms a round) would otherwise be followed by a wait 1.5x as long, which every
-# connection adds to the time between two of its writes. At 1,000 watchers x 1,000
-# updates/s, fan-out p99 20.0-28.6 ms (median 24.0) against 23.6-31.6 (26.5) over seven
-# pairs, at the same CPU (docs/benchmarks.md, tenth session).
-SMOOTHING = 0.25
 
 
 class Hub:
@@ -105,7 +98,7 @@ class Hub:
         # clients x 1,000 updates/s a write per update would take the whole core.
         self.flush_interval = flush_interval
         self._last_flush = 0.0
-        self._flush_cost = 0.0  # how long a broadcast takes, smoothed (SMOOTHING)
+        self._flush_cost = 0.0  # how long the last broadcast took
         self.contention = Contention()
         self.peers: dict[Peer, None] = {}
         self._dirty: dict[Peer, None] = {}
@@ -425,7 +418,7 @@ class Hub:
     def _round_done(self, round_: Round) -> None:
         if round_.delivered:
             self.deliveries += round_.delivered
-            self._flush_cost = _smoothed(self._flush_cost, round_.cost)
+            self._flush_cost = round_.cost
         # The next broadcast is timed from this one's start (flush), not from its end: a
         # round stretched by other work between its slices is not followed by a longer
         # wait as well, which a connection would add to the time between two of its writes
@@ -491,11 +484,6 @@ class Hub:
         self.laggards.close()
         self.contention.close()
         self._flush_handle = self._own_handle = self._presence_handle = None
-
-
-def _smoothed(average: float, cost: float) -> float:
-    """The rounds' typical cost once ``cost`` is counted in (the first one as it is)."""
-    return average + (cost - average) * SMOOTHING if average else cost
 
 
 def _follows(peer: Peer) -> bool:
